@@ -1,0 +1,318 @@
+"""The S3 layout of one run, and the only code that reads or writes it from an instance.
+
+    s3://BUCKET/runs/RUN_ID/
+      lease.json                      current owner; conditional writes (If-Match)
+      status.json                     state, step, counts, timestamps, last event
+      events/<ns>-<instance>-<type>.json   append-only lifecycle events
+      checkpoints/step-NNNNNNNN/...   checkpoint files, manifest.json written last
+      checkpoints/latest.json         newest committed checkpoint, moved last
+      output/                         final model and metrics
+      DONE                            completion marker
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from botocore.exceptions import ClientError
+
+from ml.contract import (
+    MANIFEST_NAME,
+    Manifest,
+    parse_step_folder,
+    read_verified_manifest,
+    step_folder_name,
+)
+
+log = logging.getLogger("spotrun.store")
+
+
+class LeaseLostError(RuntimeError):
+    """Another instance took the run lease; this one must stop writing at once."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    instance_id: str
+    generation: int
+    etag: str
+
+
+def _is_missing(error: ClientError) -> bool:
+    return error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
+def _is_precondition_failure(error: ClientError) -> bool:
+    return error.response.get("Error", {}).get("Code") in (
+        "PreconditionFailed", "412", "ConditionalRequestConflict")
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an S3 URI: {uri!r}")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key
+
+
+class RunStore:
+    def __init__(self, s3, bucket: str, run_id: str) -> None:
+        self.s3 = s3
+        self.bucket = bucket
+        self.run_id = run_id
+        self.prefix = f"runs/{run_id}/"
+
+    # Small JSON objects -------------------------------------------------------------
+
+    def _get_json(self, key: str) -> tuple[dict | None, str | None]:
+        try:
+            response = self.s3.get_object(Bucket=self.bucket, Key=self.prefix + key)
+        except ClientError as error:
+            if _is_missing(error):
+                return None, None
+            raise
+        return json.loads(response["Body"].read()), response["ETag"]
+
+    def _put_json(self, key: str, document: dict, **conditions) -> str:
+        response = self.s3.put_object(
+            Bucket=self.bucket, Key=self.prefix + key,
+            Body=json.dumps(document, indent=2, sort_keys=True).encode(),
+            ContentType="application/json", **conditions)
+        return response["ETag"]
+
+    def read_status(self) -> dict | None:
+        return self._get_json("status.json")[0]
+
+    def write_status(self, status: dict) -> None:
+        self._put_json("status.json", status)
+
+    def append_event(self, kind: str, instance_id: str, **fields) -> dict:
+        now = time.time()
+        event = {"type": kind, "time": now, "instance_id": instance_id, **fields}
+        key = f"events/{time.time_ns():020d}-{instance_id}-{kind}.json"
+        self._put_json(key, event)
+        log.info("event %s %s", kind, json.dumps(fields, sort_keys=True))
+        return event
+
+    def list_events(self) -> list[dict]:
+        events = []
+        for key in self._list_keys("events/"):
+            response = self.s3.get_object(Bucket=self.bucket, Key=key)
+            events.append(json.loads(response["Body"].read()))
+        return events
+
+    def is_done(self) -> bool:
+        try:
+            self.s3.head_object(Bucket=self.bucket, Key=self.prefix + "DONE")
+        except ClientError as error:
+            if _is_missing(error):
+                return False
+            raise
+        return True
+
+    def mark_done(self, summary: dict) -> None:
+        self._put_json("DONE", summary)
+
+    def _list_keys(self, sub_prefix: str) -> list[str]:
+        keys = []
+        paginator = self.s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + sub_prefix):
+            keys.extend(item["Key"] for item in page.get("Contents", []))
+        return sorted(keys)
+
+    # Lease ---------------------------------------------------------------------------
+
+    def try_acquire_lease(self, instance_id: str, stale_after_s: float) -> Lease | None:
+        """Take the run lease if it is free or stale; return None while another holds it.
+
+        Creation uses If-None-Match and takeover uses If-Match on the stale lease's
+        ETag, so of two instances racing for the lease exactly one wins.
+        """
+        current, etag = self._get_json("lease.json")
+        generation = 1
+        conditions: dict = {"IfNoneMatch": "*"}
+        if current is not None:
+            age = time.time() - float(current.get("renewed_at", 0))
+            if current.get("instance_id") != instance_id and age < stale_after_s:
+                return None
+            generation = int(current.get("generation", 0)) + 1
+            conditions = {"IfMatch": etag}
+            if current.get("instance_id") != instance_id:
+                log.warning("taking over the lease of %s, not renewed for %.0f s",
+                            current.get("instance_id"), age)
+        document = {"instance_id": instance_id, "generation": generation,
+                    "renewed_at": time.time()}
+        try:
+            new_etag = self._put_json("lease.json", document, **conditions)
+        except ClientError as error:
+            if _is_precondition_failure(error):
+                return None
+            raise
+        return Lease(instance_id, generation, new_etag)
+
+    def renew_lease(self, lease: Lease) -> Lease:
+        document = {"instance_id": lease.instance_id, "generation": lease.generation,
+                    "renewed_at": time.time()}
+        try:
+            etag = self._put_json("lease.json", document, IfMatch=lease.etag)
+        except ClientError as error:
+            if _is_precondition_failure(error):
+                raise LeaseLostError(
+                    f"run lease generation {lease.generation} was taken by another "
+                    f"instance") from error
+            raise
+        return Lease(lease.instance_id, lease.generation, etag)
+
+    def release_lease(self, lease: Lease) -> None:
+        try:
+            self.s3.delete_object(Bucket=self.bucket, Key=self.prefix + "lease.json",
+                                  IfMatch=lease.etag)
+        except ClientError as error:
+            if not _is_precondition_failure(error):
+                raise
+            log.warning("lease generation %d was already taken over; not released",
+                        lease.generation)
+
+    # Checkpoints -------------------------------------------------------------------
+
+    def upload_checkpoint(self, folder: Path, manifest: Manifest, lease: Lease) -> Lease:
+        """Upload a committed local checkpoint; return the renewed lease.
+
+        Order is the commit protocol: every file, then the folder's manifest, then
+        ``latest.json``. The lease is renewed (If-Match) just before ``latest.json``
+        moves, so an instance that lost the lease never publishes a checkpoint.
+        """
+        started = time.monotonic()
+        key_prefix = f"{self.prefix}checkpoints/{folder.name}/"
+        for item in manifest.files:
+            self.s3.upload_file(str(folder / item.name), self.bucket, key_prefix + item.name)
+        self.s3.upload_file(str(folder / MANIFEST_NAME), self.bucket,
+                            key_prefix + MANIFEST_NAME)
+        lease = self.renew_lease(lease)
+        self._put_json("checkpoints/latest.json", {
+            "step": manifest.step, "epoch": manifest.epoch, "folder": folder.name,
+            "instance_id": lease.instance_id, "lease_generation": lease.generation,
+            "committed_at": time.time()})
+        total_bytes = sum(item.size for item in manifest.files)
+        log.info("checkpoint step %d committed to S3 (%d bytes in %.2f s)", manifest.step,
+                 total_bytes, time.monotonic() - started)
+        return lease
+
+    def committed_steps(self) -> list[int]:
+        """Return steps whose folder has a manifest in S3, oldest first."""
+        steps = set()
+        for key in self._list_keys("checkpoints/"):
+            parts = key[len(self.prefix + "checkpoints/"):].split("/")
+            if len(parts) == 2 and parts[1] == MANIFEST_NAME:
+                step = parse_step_folder(parts[0])
+                if step is not None:
+                    steps.add(step)
+        return sorted(steps)
+
+    def latest_step(self) -> int | None:
+        latest, _ = self._get_json("checkpoints/latest.json")
+        return int(latest["step"]) if latest else None
+
+    def prune_checkpoints(self, keep: int) -> None:
+        """Delete committed checkpoints older than the newest ``keep``.
+
+        A folder loses its manifest first, so a failure halfway leaves an uncommitted
+        folder (ignored by resume), never a committed one with missing files.
+        """
+        latest = self.latest_step()
+        if latest is None:
+            return
+        committed = [step for step in self.committed_steps() if step <= latest]
+        for step in committed[:-keep]:
+            key_prefix = f"{self.prefix}checkpoints/{step_folder_name(step)}/"
+            self.s3.delete_object(Bucket=self.bucket, Key=key_prefix + MANIFEST_NAME)
+            for key in self._list_keys(f"checkpoints/{step_folder_name(step)}/"):
+                self.s3.delete_object(Bucket=self.bucket, Key=key)
+            log.info("pruned checkpoint step %d", step)
+
+    def download_newest_checkpoint(self, local_dir: Path) -> Manifest | None:
+        """Download the newest checkpoint that verifies; skip torn ones with a warning.
+
+        Candidates are the step in ``latest.json`` and every folder with a manifest,
+        newest first. A candidate verifies when every file listed in its manifest is
+        present with the listed size and SHA-256.
+        """
+        candidates = set(self.committed_steps())
+        latest = self.latest_step()
+        if latest is not None:
+            candidates.add(latest)
+        for step in sorted(candidates, reverse=True):
+            folder = local_dir / step_folder_name(step)
+            if self._download_folder(step, folder):
+                manifest = read_verified_manifest(folder)
+                if manifest is not None:
+                    return manifest
+            log.warning("checkpoint step %d in S3 is incomplete or corrupt; skipping it",
+                        step)
+        return None
+
+    def _download_folder(self, step: int, folder: Path) -> bool:
+        key_prefix = f"{self.prefix}checkpoints/{step_folder_name(step)}/"
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            response = self.s3.get_object(Bucket=self.bucket, Key=key_prefix + MANIFEST_NAME)
+            manifest = Manifest.from_json(response["Body"].read().decode())
+        except ClientError as error:
+            if _is_missing(error):
+                return False
+            raise
+        except ValueError as error:
+            log.warning("checkpoint step %d: %s", step, error)
+            return False
+        for item in manifest.files:
+            try:
+                self.s3.download_file(self.bucket, key_prefix + item.name,
+                                      str(folder / item.name))
+            except ClientError as error:
+                if _is_missing(error):
+                    return False
+                raise
+        (folder / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        return True
+
+    # Data and output ---------------------------------------------------------------
+
+    def upload_output(self, folder: Path) -> list[str]:
+        keys = []
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            key = f"{self.prefix}output/{path.relative_to(folder).as_posix()}"
+            self.s3.upload_file(str(path), self.bucket, key)
+            keys.append(key)
+        return keys
+
+
+def fetch_data(s3, *, zip_uri: str, prefix_uri: str, destination: Path) -> int:
+    """Copy the training data to ``destination``; return the number of files."""
+    destination.mkdir(parents=True, exist_ok=True)
+    if zip_uri:
+        bucket, key = parse_s3_uri(zip_uri)
+        archive = destination.parent / "data.zip"
+        s3.download_file(bucket, key, str(archive))
+        with zipfile.ZipFile(archive) as bundle:
+            bundle.extractall(destination)
+            count = len([name for name in bundle.namelist() if not name.endswith("/")])
+        archive.unlink()
+        return count
+    bucket, prefix = parse_s3_uri(prefix_uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    count = 0
+    paginator = s3.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            relative = item["Key"][len(prefix):]
+            if not relative or relative.endswith("/"):
+                continue
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, item["Key"], str(target))
+            count += 1
+    return count

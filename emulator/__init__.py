@@ -1,0 +1,1 @@
+"""Local emulators of the AWS services that spotrun uses."""

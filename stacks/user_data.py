@@ -1,0 +1,50 @@
+"""User-data of a training instance: fetch the code bundle, run the supervisor, shut down.
+
+The script reads three optional environment variables so that the local cloud can run
+the very same script on a development machine: SPOTRUN_ROOT (working folder),
+SPOTRUN_PYTHON (interpreter) and SPOTRUN_SHUTDOWN_COMMAND (what "power off" means).
+On EC2 none of them is set and the defaults apply.
+"""
+
+from __future__ import annotations
+
+CONFIG_DELIMITER = "SPOTRUN_RUN_CONFIG"
+
+_TEMPLATE = """#!/bin/bash
+# spotrun instance start-up. Whatever happens, the last line powers the instance off,
+# and the launch template turns an instance-initiated shutdown into a termination.
+set -uo pipefail
+export SPOTRUN_ROOT="${{SPOTRUN_ROOT:-/opt/spotrun}}"
+export SPOTRUN_PYTHON="${{SPOTRUN_PYTHON:-{python}}}"
+mkdir -p "$SPOTRUN_ROOT"
+cd "$SPOTRUN_ROOT" || exit 1
+
+cat > run-config.json <<'{delimiter}'
+{config_json}
+{delimiter}
+
+fetch_code() {{
+  for attempt in 1 2 3 4 5; do
+    if aws s3 cp --only-show-errors --region '{region}' '{code_uri}' code.zip; then
+      return 0
+    fi
+    echo "spotrun: code bundle download failed (attempt $attempt of 5)" >&2
+    sleep $((attempt * 3))
+  done
+  return 1
+}}
+
+if fetch_code && rm -rf code && "$SPOTRUN_PYTHON" -m zipfile -e code.zip code; then
+  (cd code && "$SPOTRUN_PYTHON" -m bootstrap --config ../run-config.json)
+  echo "spotrun: supervisor exited with code $?"
+else
+  echo "spotrun: could not fetch or unpack the code bundle {code_uri}" >&2
+fi
+${{SPOTRUN_SHUTDOWN_COMMAND:-shutdown -h now}}
+"""
+
+
+def render_user_data(*, config_json: str, code_uri: str, region: str, python: str) -> str:
+    """Return the user-data script; arguments may contain CloudFormation tokens."""
+    return _TEMPLATE.format(config_json=config_json, code_uri=code_uri, region=region,
+                            python=python, delimiter=CONFIG_DELIMITER)
