@@ -30,6 +30,8 @@ class RunConfig:
     keep_checkpoints: int = 2
     poll_interval_seconds: float = 2.0
     max_crash_restarts: int = 3
+    max_restarts_without_progress: int = 3
+    heartbeat_timeout_seconds: float = 900.0
     max_runtime_seconds: float = 86400.0
     # A lease not renewed for this long belongs to a dead instance and may be taken over.
     lease_ttl_seconds: float = 60.0

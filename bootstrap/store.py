@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import zipfile
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ class Lease:
     instance_id: str
     generation: int
     etag: str
+    # The instance whose stale lease this one took over, if any.
+    taken_over_from: str | None = None
 
 
 def _is_missing(error: ClientError) -> bool:
@@ -135,6 +138,7 @@ class RunStore:
         current, etag = self._get_json("lease.json")
         generation = 1
         conditions: dict = {"IfNoneMatch": "*"}
+        taken_over_from = None
         if current is not None:
             age = time.time() - float(current.get("renewed_at", 0))
             if current.get("instance_id") != instance_id and age < stale_after_s:
@@ -142,8 +146,9 @@ class RunStore:
             generation = int(current.get("generation", 0)) + 1
             conditions = {"IfMatch": etag}
             if current.get("instance_id") != instance_id:
+                taken_over_from = current.get("instance_id")
                 log.warning("taking over the lease of %s, not renewed for %.0f s",
-                            current.get("instance_id"), age)
+                            taken_over_from, age)
         document = {"instance_id": instance_id, "generation": generation,
                     "renewed_at": time.time()}
         try:
@@ -152,7 +157,7 @@ class RunStore:
             if _is_precondition_failure(error):
                 return None
             raise
-        return Lease(instance_id, generation, new_etag)
+        return Lease(instance_id, generation, new_etag, taken_over_from)
 
     def renew_lease(self, lease: Lease) -> Lease:
         document = {"instance_id": lease.instance_id, "generation": lease.generation,
@@ -165,7 +170,7 @@ class RunStore:
                     f"run lease generation {lease.generation} was taken by another "
                     f"instance") from error
             raise
-        return Lease(lease.instance_id, lease.generation, etag)
+        return Lease(lease.instance_id, lease.generation, etag, lease.taken_over_from)
 
     def release_lease(self, lease: Lease) -> None:
         try:
@@ -253,6 +258,9 @@ class RunStore:
                     return manifest
             log.warning("checkpoint step %d in S3 is incomplete or corrupt; skipping it",
                         step)
+            # Remove the partial copy, so the trainer rewrites this step and the
+            # supervisor uploads the new one in its place.
+            shutil.rmtree(folder, ignore_errors=True)
         return None
 
     def _download_folder(self, step: int, folder: Path) -> bool:

@@ -27,10 +27,12 @@ from bootstrap.imds import (
 from bootstrap.store import Lease, LeaseLostError, RunStore, fetch_data
 from bootstrap.trainer import ProgressReader, TrainerProcess
 from ml import contract
+from ml.contract import parse_step_folder
 
 log = logging.getLogger("spotrun.supervisor")
 
 TICK_S = 0.2
+# Status writes renew the lease too, so they happen well within the lease TTL.
 STATUS_EVERY_S = 5.0
 # Upload of the interruption checkpoint must finish this long before the notice time.
 NOTICE_SAFETY_MARGIN_S = 2.0
@@ -92,6 +94,9 @@ class Supervisor:
         self.trainer: TrainerProcess | None = None
         self._last_status = 0.0
         self._last_poll = 0.0
+        self._last_progress_at = time.monotonic()
+        self._committed_at_trainer_start: int | None = None
+        self.restarts_without_progress = 0
 
     # Entry point ---------------------------------------------------------------------
 
@@ -120,8 +125,17 @@ class Supervisor:
                                     if name in status})
         self.counters.instances_launched += 1
         self.committed_step = status.get("committed_step")
+        if self.lease.taken_over_from and status.get("state") not in ("interrupting",
+                                                                      "interrupted"):
+            # The previous holder neither finished nor handled a notice: its supervisor
+            # died (or its instance vanished) without releasing the lease.
+            self.counters.bootstrap_crashes += 1
+            self.store.append_event("previous_instance_lost", self.identity.instance_id,
+                                    previous_instance_id=self.lease.taken_over_from,
+                                    previous_state=status.get("state"))
         if self.counters.bootstrap_crashes > self.config.max_crash_restarts:
             self._finish_failed(
+                "bootstrap_crash_budget_spent",
                 f"the supervisor crashed on {self.counters.bootstrap_crashes} instances; "
                 f"the budget max_crash_restarts is {self.config.max_crash_restarts}")
         self.store.append_event("instance_started", self.identity.instance_id,
@@ -141,6 +155,10 @@ class Supervisor:
             if self.lease is not None:
                 log.info("holding run lease generation %d", self.lease.generation)
                 return
+            if self.store.is_done():
+                log.info("run %s completed while this instance waited for the lease",
+                         self.config.run_id)
+                raise RunEnded(EXIT_OK)
             if time.monotonic() > deadline:
                 log.error("another instance holds the run lease; exiting without training")
                 raise RunEnded(EXIT_LEASE_BUSY)
@@ -205,6 +223,8 @@ class Supervisor:
                                       cwd=self.code_dir,
                                       log_path=self.work_dir / "trainer.log")
         self.state = "training"
+        self._last_progress_at = time.monotonic()
+        self._committed_at_trainer_start = self.committed_step
 
     def _train(self) -> None:
         self._start_trainer()
@@ -216,7 +236,9 @@ class Supervisor:
             time.sleep(TICK_S)
 
     def _tick(self) -> None:
-        self.progress.read_new()
+        if self.progress.read_new():
+            self._last_progress_at = time.monotonic()
+        self._check_heartbeat()
         self._upload_new_checkpoints()
         now = time.monotonic()
         if now - self._last_poll >= self.config.poll_interval_seconds:
@@ -227,23 +249,48 @@ class Supervisor:
         if self._runtime_exceeded():
             self._stop_for_max_runtime()
 
-    def _on_trainer_exit(self, code: int) -> None:
+    def _check_heartbeat(self) -> None:
+        """Kill a trainer that reported no step for heartbeat_timeout_seconds."""
+        silent_s = time.monotonic() - self._last_progress_at
+        if silent_s <= self.config.heartbeat_timeout_seconds or self.trainer.poll() is not None:
+            return
+        log.error("trainer reported no step for %.0f s (heartbeat_timeout_seconds is %.0f);"
+                  " killing it as hung", silent_s, self.config.heartbeat_timeout_seconds)
+        self.trainer.kill()
+        self._on_trainer_exit(self.trainer.poll(), hung=True)
+
+    def _on_trainer_exit(self, code: int, hung: bool = False) -> None:
         self.progress.read_new()
-        if code == contract.EXIT_COMPLETED:
+        if code == contract.EXIT_COMPLETED and not hung:
             self._finish_completed()
         self.counters.crashes += 1
         tail = self.trainer.tail()
-        log.error("trainer exited with code %d (crash %d of at most %d)", code,
+        cause = "hung" if hung else f"exit code {code}"
+        log.error("trainer crashed (%s): crash %d, budget max_crash_restarts %d", cause,
                   self.counters.crashes, self.config.max_crash_restarts)
+        self._wait_for_uploads(timeout=None)
+        if self.committed_step == self._committed_at_trainer_start:
+            self.restarts_without_progress += 1
+        else:
+            self.restarts_without_progress = 0
         self.store.append_event("trainer_crash", self.identity.instance_id,
-                                exit_code=code, step=self.progress.step,
+                                exit_code=code, hung=hung, step=self.progress.step,
+                                committed_step=self.committed_step,
+                                restarts_without_progress=self.restarts_without_progress,
                                 log_tail=tail[-10:])
         if self.counters.crashes > self.config.max_crash_restarts:
             self._finish_failed(
-                f"trainer crashed {self.counters.crashes} times (exit code {code}); "
+                "crash_budget_spent",
+                f"trainer crashed {self.counters.crashes} times (last: {cause}); "
                 f"the budget max_crash_restarts is {self.config.max_crash_restarts}",
                 log_tail=tail)
-        self._wait_for_uploads(timeout=None)
+        if self.restarts_without_progress >= self.config.max_restarts_without_progress:
+            self._finish_failed(
+                "no_progress",
+                f"{self.restarts_without_progress} trainer restarts in a row made no "
+                f"progress (committed step stayed at {self.committed_step}; last: {cause}); "
+                f"max_restarts_without_progress is {self.config.max_restarts_without_progress}",
+                log_tail=tail)
         log.info("restarting the trainer in place")
         self._start_trainer()
 
@@ -330,6 +377,7 @@ class Supervisor:
         manifest = contract.read_verified_manifest(folder)
         if manifest is None:
             log.error("local checkpoint %s does not verify; not uploading it", folder.name)
+            self._submitted_steps.discard(parse_step_folder(folder.name))
             return
         with self._lease_lock:
             self.lease = self.store.upload_checkpoint(folder, manifest, self.lease)
@@ -368,7 +416,8 @@ class Supervisor:
 
     def _write_status(self, force: bool = False, **extra) -> None:
         now = time.monotonic()
-        if not force and now - self._last_status < STATUS_EVERY_S:
+        interval = min(STATUS_EVERY_S, self.config.lease_ttl_seconds / 4)
+        if not force and now - self._last_status < interval:
             return
         self._last_status = now
         with self._lease_lock:
@@ -419,7 +468,7 @@ class Supervisor:
         self._wait_for_uploads(timeout=None)
         keys = self.store.upload_output(self.output_dir)
         self.state = "completed"
-        self._write_status(force=True)
+        self._write_status(force=True, ending="completed")
         self.store.append_event("completed", self.identity.instance_id,
                                 step=self.progress.step, output_keys=keys)
         self.store.mark_done({"run_id": self.config.run_id, "completed_at": time.time(),
@@ -429,20 +478,22 @@ class Supervisor:
         self._set_capacity_zero()
         raise RunEnded(EXIT_OK)
 
-    def _finish_failed(self, reason: str, log_tail: list[str] | None = None) -> None:
+    def _finish_failed(self, ending: str, reason: str,
+                       log_tail: list[str] | None = None) -> None:
         log.error("run failed: %s", reason)
         self.state = "failed"
-        self._write_status(force=True, reason=reason, log_tail=log_tail or [])
-        self.store.append_event("failed", self.identity.instance_id, reason=reason)
+        self._write_status(force=True, ending=ending, reason=reason, log_tail=log_tail or [])
+        self.store.append_event("failed", self.identity.instance_id, ending=ending,
+                                reason=reason)
         self._release_lease()
         self._set_capacity_zero()
         raise RunEnded(EXIT_RUN_FAILED)
 
     def _finish_stopped(self, reason: str) -> None:
         self.state = "stopped"
-        self._write_status(force=True, reason=reason)
-        self.store.append_event("stopped", self.identity.instance_id, reason=reason,
-                                committed_step=self.committed_step)
+        self._write_status(force=True, ending="max_runtime", reason=reason)
+        self.store.append_event("stopped", self.identity.instance_id, ending="max_runtime",
+                                reason=reason, committed_step=self.committed_step)
         self._release_lease()
         self._set_capacity_zero()
         raise RunEnded(EXIT_RUN_FAILED)

@@ -26,7 +26,8 @@ from stacks.config import ParameterError, RunParameters, from_context
 # Time compression of the local cloud, in one place. On EC2 a spot notice comes 120 s
 # before the instance is reclaimed and spotrun polls IMDS every poll_interval_seconds.
 DEFAULT_NOTICE_SECONDS = 10.0
-LOCAL_PARAMETER_DEFAULTS = {"poll_interval_seconds": 0.5}
+LOCAL_PARAMETER_DEFAULTS = {"poll_interval_seconds": 0.5, "lease_ttl_seconds": 10,
+                            "heartbeat_timeout_seconds": 20}
 DEFAULT_TIMEOUT_SECONDS = 900.0
 NOTICE_ACTIONS = ("terminate", "stop", "hibernate")
 # The supervisor needs a few seconds of the window to commit the checkpoint.

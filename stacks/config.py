@@ -70,6 +70,18 @@ class RunParameters:
     max_crash_restarts: int = 3
     """Trainer crashes tolerated over the whole run before the run is marked failed."""
 
+    max_restarts_without_progress: int = 3
+    """Trainer restarts in a row without a newer committed checkpoint before the run is
+    marked failed (a crash loop that makes no progress)."""
+
+    heartbeat_timeout_seconds: float = 900.0
+    """A trainer that reports no step for this long is treated as hung: it is killed and
+    counted as a crash. Allow for the slowest step and checkpoint, in seconds."""
+
+    lease_ttl_seconds: float = 60.0
+    """A run lease not renewed for this long belongs to a dead instance and may be taken
+    over by the next one, in seconds (10-3600)."""
+
     max_runtime_hours: float = 24.0
     """Wall-clock limit of the run across all instances, in hours; then it stops."""
 
@@ -112,6 +124,12 @@ class RunParameters:
                "0.1 to 5 seconds (a spot notice comes 120 s before the instance is reclaimed)")
         _check(self.max_crash_restarts >= 0, "max_crash_restarts",
                self.max_crash_restarts, "0 or more")
+        _check(self.max_restarts_without_progress >= 1, "max_restarts_without_progress",
+               self.max_restarts_without_progress, "1 or more")
+        _check(self.heartbeat_timeout_seconds >= 5, "heartbeat_timeout_seconds",
+               self.heartbeat_timeout_seconds, "5 seconds or more")
+        _check(10 <= self.lease_ttl_seconds <= 3600, "lease_ttl_seconds",
+               self.lease_ttl_seconds, "10 to 3600 seconds")
         _check(self.max_runtime_hours > 0, "max_runtime_hours", self.max_runtime_hours,
                "a number of hours greater than 0")
         _check(self.log_retention_days in LOG_RETENTION_DAYS, "log_retention_days",
