@@ -11,8 +11,24 @@ A scenario is a JSON object::
 
 ``params`` overrides stack parameters of cdk.json for this run. Each interruption sends
 a spot instance-action notice to the instance that is training once its progress passes
-``after_step``; ``notice_seconds`` later the instance is reclaimed (killed) if it still
-runs, and the group replaces it. Interruptions are delivered in the order given.
+``after_step`` (or, with ``"on_boot": true``, to the next instance as soon as it boots);
+``notice_seconds`` later the instance is reclaimed (killed) if it still runs, and the
+group replaces it. Interruptions are delivered in the order given.
+
+``faults`` (optional) lists faults injected once the training instance passes
+``after_step`` (or at boot with ``"on_boot": true``)::
+
+    {"kind": "imds-server-error", "after_step": 60, "duration_seconds": 4}
+
+Kinds: the IMDS faults ``imds-unauthorized``, ``imds-token-expiry`` (no duration),
+``imds-token-hang``, ``imds-refused``, ``imds-server-error``, ``imds-throttle`` and
+``imds-slow`` (with ``delay_seconds``), each for ``duration_seconds``;
+``rebalance`` (a rebalance recommendation); ``trainer-crash`` (the trainer process is
+killed, as by the OOM killer); ``trainer-hang`` (the trainer process is stopped with
+SIGSTOP); ``supervisor-kill`` (the supervisor process is killed); ``duplicate-instance``
+(a second instance of the same launch template starts outside the group).
+``"repeat": true`` makes ``trainer-crash`` and ``trainer-hang`` hit every trainer that
+reaches ``after_step`` again after a restart.
 """
 
 from __future__ import annotations
@@ -38,11 +54,31 @@ class ScenarioError(ValueError):
     """An invalid scenario; the message names the field, the value and the fix."""
 
 
+IMDS_FAULTS = {"imds-unauthorized": "unauthorized", "imds-token-expiry": "token-expiry",
+               "imds-token-hang": "token-hang", "imds-refused": "refused",
+               "imds-server-error": "server-error", "imds-throttle": "throttle",
+               "imds-slow": "slow"}
+FAULT_KINDS = (*IMDS_FAULTS, "rebalance", "trainer-crash", "trainer-hang",
+               "supervisor-kill", "duplicate-instance")
+REPEATABLE_FAULTS = ("trainer-crash", "trainer-hang")
+
+
 @dataclass(frozen=True)
 class Interruption:
-    after_step: int
+    after_step: int = 0
     notice_seconds: float = DEFAULT_NOTICE_SECONDS
     action: str = "terminate"
+    on_boot: bool = False
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    after_step: int = 0
+    on_boot: bool = False
+    duration_seconds: float | None = None
+    delay_seconds: float | None = None
+    repeat: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,6 +86,7 @@ class Scenario:
     description: str = ""
     params: dict = field(default_factory=dict)
     interruptions: tuple[Interruption, ...] = ()
+    faults: tuple[Fault, ...] = ()
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
 
     def run_parameters(self, cdk_context: dict) -> RunParameters:
@@ -68,6 +105,9 @@ def load_scenario(path: Path | None) -> Scenario:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
         raise ScenarioError(f"cannot read scenario file {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ScenarioError(f"scenario file {path} is not UTF-8 text; save it as UTF-8 "
+                            f"JSON") from None
     except json.JSONDecodeError as error:
         raise ScenarioError(f"scenario file {path} is not valid JSON: {error}") from None
     return parse_scenario(data, source=str(path))
@@ -75,8 +115,9 @@ def load_scenario(path: Path | None) -> Scenario:
 
 def parse_scenario(data: object, source: str = "scenario") -> Scenario:
     if not isinstance(data, dict):
-        raise ScenarioError(f"{source}: expected a JSON object at the top level")
-    known = {"description", "params", "interruptions", "timeout_seconds"}
+        raise ScenarioError(f"{source}: expected a JSON object at the top level, got "
+                            f"{type(data).__name__}")
+    known = {"description", "params", "interruptions", "faults", "timeout_seconds"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ScenarioError(f"{source}: unknown field {unknown[0]!r}; valid fields are "
@@ -84,9 +125,15 @@ def parse_scenario(data: object, source: str = "scenario") -> Scenario:
     params = data.get("params", {})
     if not isinstance(params, dict):
         raise ScenarioError(f"{source}: 'params' must be an object of stack parameters")
+    for name in ("interruptions", "faults"):
+        if not isinstance(data.get(name, []), list):
+            raise ScenarioError(f"{source}: '{name}' must be a list, got "
+                                f"{json.dumps(data[name])}")
     interruptions = tuple(_parse_interruption(item, index, source)
                           for index, item in enumerate(data.get("interruptions", [])))
-    steps = [item.after_step for item in interruptions]
+    faults = tuple(_parse_fault(item, index, source)
+                   for index, item in enumerate(data.get("faults", [])))
+    steps = [item.after_step for item in interruptions if not item.on_boot]
     if steps != sorted(steps):
         raise ScenarioError(f"{source}: interruptions must be in increasing after_step "
                             f"order, got {steps}")
@@ -95,7 +142,8 @@ def parse_scenario(data: object, source: str = "scenario") -> Scenario:
         raise ScenarioError(f"{source}: timeout_seconds={json.dumps(timeout)} must be a "
                             f"positive number of seconds")
     scenario = Scenario(description=str(data.get("description", "")), params=params,
-                        interruptions=interruptions, timeout_seconds=float(timeout))
+                        interruptions=interruptions, faults=faults,
+                        timeout_seconds=float(timeout))
     try:
         from_context({**LOCAL_PARAMETER_DEFAULTS, **params})
     except ParameterError as error:
@@ -108,14 +156,12 @@ def _parse_interruption(item: object, index: int, source: str) -> Interruption:
     if not isinstance(item, dict):
         raise ScenarioError(f"{where} must be an object such as "
                             f'{{"after_step": 100, "notice_seconds": 10}}')
-    unknown = sorted(set(item) - {"after_step", "notice_seconds", "action"})
+    unknown = sorted(set(item) - {"after_step", "notice_seconds", "action", "on_boot"})
     if unknown:
         raise ScenarioError(f"{where}: unknown field {unknown[0]!r}; valid fields are "
-                            f"after_step, notice_seconds, action")
-    after_step = item.get("after_step")
-    if isinstance(after_step, bool) or not isinstance(after_step, int) or after_step < 0:
-        raise ScenarioError(f"{where}: after_step={json.dumps(after_step)} must be an "
-                            f"integer step >= 0")
+                            f"after_step, notice_seconds, action, on_boot")
+    on_boot = _parse_on_boot(item, where)
+    after_step = _parse_after_step(item, where, on_boot)
     notice = item.get("notice_seconds", DEFAULT_NOTICE_SECONDS)
     if (isinstance(notice, bool) or not isinstance(notice, (int, float))
             or notice < MIN_NOTICE_SECONDS):
@@ -125,4 +171,69 @@ def _parse_interruption(item: object, index: int, source: str) -> Interruption:
     if action not in NOTICE_ACTIONS:
         raise ScenarioError(f"{where}: action={json.dumps(action)} must be one of "
                             f"{', '.join(NOTICE_ACTIONS)}")
-    return Interruption(after_step=after_step, notice_seconds=float(notice), action=action)
+    return Interruption(after_step=after_step, notice_seconds=float(notice), action=action,
+                        on_boot=on_boot)
+
+
+def _parse_on_boot(item: dict, where: str) -> bool:
+    on_boot = item.get("on_boot", False)
+    if not isinstance(on_boot, bool):
+        raise ScenarioError(f"{where}: on_boot={json.dumps(on_boot)} must be true or false")
+    return on_boot
+
+
+def _parse_after_step(item: dict, where: str, on_boot: bool) -> int:
+    if on_boot:
+        if "after_step" in item:
+            raise ScenarioError(f"{where}: give either after_step or on_boot, not both")
+        return 0
+    after_step = item.get("after_step")
+    if isinstance(after_step, bool) or not isinstance(after_step, int) or after_step < 0:
+        raise ScenarioError(f"{where}: after_step={json.dumps(after_step)} must be an "
+                            f"integer step >= 0 (or set \"on_boot\": true)")
+    return after_step
+
+
+def _positive_seconds(item: dict, name: str, where: str) -> float | None:
+    value = item.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ScenarioError(f"{where}: {name}={json.dumps(value)} must be a positive "
+                            f"number of seconds")
+    return float(value)
+
+
+def _parse_fault(item: object, index: int, source: str) -> Fault:
+    where = f"{source}: faults[{index}]"
+    if not isinstance(item, dict):
+        raise ScenarioError(f"{where} must be an object such as "
+                            f'{{"kind": "imds-server-error", "after_step": 50, '
+                            f'"duration_seconds": 5}}')
+    fields = {"kind", "after_step", "on_boot", "duration_seconds", "delay_seconds", "repeat"}
+    unknown = sorted(set(item) - fields)
+    if unknown:
+        raise ScenarioError(f"{where}: unknown field {unknown[0]!r}; valid fields are "
+                            f"{', '.join(sorted(fields))}")
+    kind = item.get("kind")
+    if kind not in FAULT_KINDS:
+        raise ScenarioError(f"{where}: kind={json.dumps(kind)} must be one of "
+                            f"{', '.join(FAULT_KINDS)}")
+    on_boot = _parse_on_boot(item, where)
+    after_step = _parse_after_step(item, where, on_boot)
+    duration = _positive_seconds(item, "duration_seconds", where)
+    delay = _positive_seconds(item, "delay_seconds", where)
+    timed = kind in IMDS_FAULTS and kind != "imds-token-expiry"
+    if timed and duration is None:
+        raise ScenarioError(f"{where}: {kind} needs duration_seconds")
+    if not timed and duration is not None:
+        raise ScenarioError(f"{where}: {kind} takes no duration_seconds")
+    if (kind == "imds-slow") != (delay is not None):
+        raise ScenarioError(f"{where}: delay_seconds is required for imds-slow and "
+                            f"invalid for {kind}")
+    repeat = item.get("repeat", False)
+    if not isinstance(repeat, bool) or (repeat and kind not in REPEATABLE_FAULTS):
+        raise ScenarioError(f"{where}: repeat={json.dumps(repeat)} is only valid (true or "
+                            f"false) for {', '.join(REPEATABLE_FAULTS)}")
+    return Fault(kind=kind, after_step=after_step, on_boot=on_boot,
+                 duration_seconds=duration, delay_seconds=delay, repeat=repeat)

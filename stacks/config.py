@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping
 
 # CDK's own context keys (feature flags, "acknowledged-issue-numbers", ...) live beside
 # ours in cdk.json; only names without a namespace separator are stack parameters.
 _CDK_OWN_KEY = re.compile(r"^(@|aws:|cdk[-:]|acknowledged-issue-numbers$)")
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUN_NAME_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
 INSTANCE_TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
 AMI_ID_PATTERN = re.compile(r"^ami-[0-9a-f]{8,17}$")
@@ -115,6 +117,13 @@ class RunParameters:
                                      or not self.data_source.startswith("s3:")),
                "data_source", self.data_source,
                "a local folder path or an S3 URI such as s3://my-bucket/datasets/digits")
+        if not self.data_source.startswith("s3://"):
+            folder = Path(self.data_source)
+            if not folder.is_absolute():
+                folder = PROJECT_ROOT / folder
+            _check(folder.is_dir(), "data_source", self.data_source,
+                   "an existing folder (relative paths start at the project root) or an "
+                   "S3 URI")
         _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps",
                self.checkpoint_every_steps, "0 (only on interruption) or a positive step count")
         _check(self.keep_checkpoints >= 2, "keep_checkpoints", self.keep_checkpoints,
