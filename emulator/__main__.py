@@ -45,6 +45,8 @@ EVENT_LINES = {
     "failed": lambda e: f"run failed: {e.get('reason')}",
     "stopped": lambda e: f"run stopped: {e.get('reason')}",
     "bootstrap_crash": lambda e: f"supervisor crashed: {e.get('reason')}",
+    "previous_instance_lost": lambda e: f"previous instance {e.get('previous_instance_id')}"
+                                        f" died without releasing the lease",
 }
 
 
@@ -101,63 +103,74 @@ class RunWatcher:
 
 
 def run(scenario: Scenario, report_path: Path, work_dir: Path) -> int:
+    """Start a local cloud, run the scenario on it, stop the cloud; return the exit code."""
     console = Console()
+    cloud = LocalCloud(work_dir / "cloud", PROJECT_ROOT)
+    try:
+        start_cloud(cloud, console)
+        report = run_on_cloud(cloud, scenario, work_dir, console)
+    finally:
+        cloud.stop()
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    _print_summary(console, report, report_path)
+    return 0 if report["status"] == "completed" else EXIT_FAILED
+
+
+def start_cloud(cloud: LocalCloud, console: Console) -> None:
+    """Start the moto server and bootstrap the CDK environment in it."""
+    cloud.start()
+    console.say(f"local cloud: moto server at {cloud.endpoint} (IAM enforced)")
+    cloud.cdk(["bootstrap", f"aws://{cloud.account_id}/{cloud.region}"],
+              log_name="cdk-bootstrap")
+    console.say("cdk bootstrap: done")
+
+
+def run_on_cloud(cloud: LocalCloud, scenario: Scenario, work_dir: Path,
+                 console: Console) -> dict:
+    """Deploy, run and destroy one run on a started cloud; return the report."""
     cdk_context = json.loads((PROJECT_ROOT / "cdk.json").read_text())["context"]
     params = scenario.run_parameters(cdk_context)
     console.say(f"scenario: {scenario.description or 'unnamed'}; run {params.run_name}")
-    cloud = LocalCloud(work_dir / "cloud", PROJECT_ROOT)
-    control: ControlPlane | None = None
     started = time.monotonic()
-    try:
-        cloud.start()
-        console.say(f"local cloud: moto server at {cloud.endpoint} (IAM enforced)")
-        cloud.remove_cdk_output()
-        cloud.cdk(["bootstrap", f"aws://{cloud.account_id}/{cloud.region}"],
-                  log_name="cdk-bootstrap")
-        console.say("cdk bootstrap: done")
-        stack_name = f"Spotrun-{params.run_name}"
-        # moto 5.2 leaves stack outputs empty after a change set, so the local cloud
-        # deploys with CreateStack; on AWS `cdk deploy` uses a change set as usual.
-        cloud.cdk(["deploy", stack_name, "--require-approval", "never", "--method", "direct"],
-                  context=scenario.context_overrides(), log_name="cdk-deploy")
-        outputs = _stack_outputs(cloud, stack_name)
-        console.say(f"cdk deploy: stack {stack_name} created; bucket {outputs['BucketName']},"
-                    f" group {outputs['GroupName']}")
+    stack_name = f"Spotrun-{params.run_name}"
+    cloud.remove_cdk_output()
+    # moto 5.2 leaves stack outputs empty after a change set, so the local cloud
+    # deploys with CreateStack; on AWS `cdk deploy` uses a change set as usual.
+    cloud.cdk(["deploy", stack_name, "--require-approval", "never", "--method", "direct"],
+              context=scenario.context_overrides(), log_name=f"cdk-deploy-{params.run_name}")
+    outputs = _stack_outputs(cloud, stack_name)
+    console.say(f"cdk deploy: stack {stack_name} created; bucket {outputs['BucketName']},"
+                f" group {outputs['GroupName']}")
 
-        control = ControlPlane(cloud, outputs["GroupName"], scenario, work_dir, console.say)
+    control = ControlPlane(cloud, outputs["GroupName"], scenario,
+                           work_dir / params.run_name, console.say)
+    try:
         s3 = cloud.client("s3")
         watcher = RunWatcher(console, s3, outputs["BucketName"], params.run_name, control)
         observation = control.run(on_tick=watcher)
         watcher.last_check = 0.0
         watcher()
-
-        group = control._describe_group()
-        running = _running_instances(cloud)
-        run_data = read_run(s3, outputs["BucketName"], params.run_name)
-        weights = final_weights_sha256(s3, outputs["BucketName"], params.run_name)
-        console.say(f"group at desired capacity {group['DesiredCapacity']}, "
-                    f"{running} instance(s) running")
-
-        cloud.cdk(["destroy", stack_name, "--force"], context=scenario.context_overrides(),
-                  log_name="cdk-destroy")
-        deleted = _stack_deleted(cloud, stack_name)
-        console.say(f"cdk destroy: stack {'deleted' if deleted else 'NOT deleted'}"
-                    f"{'; run bucket kept' if params.keep_bucket else ''}")
-
-        report = build_report(run=run_data, observation=observation, weights_sha256=weights,
-                              desired_capacity=group["DesiredCapacity"],
-                              running_instances=running, stack_deleted=deleted,
-                              duration_s=time.monotonic() - started,
-                              scenario_description=scenario.description)
     finally:
-        if control is not None:
-            control.shutdown_all()
-        cloud.stop()
+        control.shutdown_all()
 
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    _print_summary(console, report, report_path)
-    return 0 if report["status"] == "completed" else EXIT_FAILED
+    group = control._describe_group()
+    running = _running_instances(cloud)
+    run_data = read_run(s3, outputs["BucketName"], params.run_name)
+    weights = final_weights_sha256(s3, outputs["BucketName"], params.run_name)
+    console.say(f"group at desired capacity {group['DesiredCapacity']}, "
+                f"{running} instance(s) running")
+
+    cloud.cdk(["destroy", stack_name, "--force"], context=scenario.context_overrides(),
+              log_name=f"cdk-destroy-{params.run_name}")
+    deleted = _stack_deleted(cloud, stack_name)
+    console.say(f"cdk destroy: stack {'deleted' if deleted else 'NOT deleted'}"
+                f"{'; run bucket kept' if params.keep_bucket else ''}")
+    return build_report(run=run_data, observation=observation, weights_sha256=weights,
+                        desired_capacity=group["DesiredCapacity"],
+                        running_instances=running, stack_deleted=deleted,
+                        duration_s=time.monotonic() - started,
+                        scenario_description=scenario.description)
 
 
 def _stack_outputs(cloud: LocalCloud, stack_name: str) -> dict[str, str]:

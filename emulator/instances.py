@@ -24,13 +24,31 @@ from typing import Callable
 
 from emulator.cloud import LocalCloud
 from emulator.imds import ImdsEmulator, InstanceDescription, RoleCredentials
-from emulator.scenario import Interruption, Scenario
+from emulator.scenario import IMDS_FAULTS, Fault, Interruption, Scenario
 
 log = logging.getLogger("spotrun.emulator")
 
 TICK_S = 0.25
 # Time an instance's processes get between the shutdown signal and the kill.
 SHUTDOWN_GRACE_S = 5.0
+
+
+def _read_proc(pid: str, name: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Return the ids of processes whose environment sets ``name=value`` (Linux /proc)."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and needle in _read_proc(entry, "environ").split(b"\0"):
+            found.append(int(entry))
+    return found
 
 
 @dataclass
@@ -70,10 +88,48 @@ class EmulatedInstance:
         return None
 
     def signal_group(self, signal_number: int) -> None:
+        """Signal every process of the instance, as an OS shutdown or power loss does.
+
+        The trainer runs in a session of its own, so the user-data's process group is
+        not enough: every process whose environment names this instance's root is hit.
+        """
         try:
             os.killpg(self.process.pid, signal_number)
         except ProcessLookupError:
             pass
+        for pid in processes_with_env("SPOTRUN_ROOT", str(self.root)):
+            _signal(pid, signal_number)
+
+    def trainer_pids(self) -> list[int]:
+        return processes_with_env("SPOTRUN_PROGRESS_FILE", str(self.progress_path))
+
+    def supervisor_pids(self) -> list[int]:
+        return [pid for pid in processes_with_env("SPOTRUN_ROOT", str(self.root))
+                if b"bootstrap" in _read_proc(str(pid), "cmdline").split(b"\0")]
+
+    def progress_size(self) -> int:
+        try:
+            return self.progress_path.stat().st_size
+        except OSError:
+            return 0
+
+
+def _signal(pid: int, signal_number: int) -> None:
+    try:
+        os.kill(pid, signal_number)
+    except ProcessLookupError:
+        pass
+
+
+@dataclass
+class FaultState:
+    """A scenario fault and what the control plane has done with it."""
+
+    fault: Fault
+    fired: bool = False
+    # For repeated trainer faults: the progress file size at the last hit, so the next
+    # hit waits for the restarted trainer to report new steps.
+    progress_size_at_hit: int = -1
 
 
 @dataclass
@@ -82,6 +138,7 @@ class Observation:
 
     instances: list[dict] = field(default_factory=list)
     notices_sent: list[dict] = field(default_factory=list)
+    faults_injected: list[dict] = field(default_factory=list)
     timed_out: bool = False
 
 
@@ -99,7 +156,10 @@ class ControlPlane:
         self.sts = cloud.ec2_service_client("sts")
         self.instances: dict[str, EmulatedInstance] = {}
         self.pending = list(scenario.interruptions)
+        self.faults = [FaultState(fault) for fault in scenario.faults]
         self.observation = Observation()
+        self.template_ref: dict | None = None
+        self.instance_types: list[str] = []
 
     # Main loop -----------------------------------------------------------------------
 
@@ -111,6 +171,7 @@ class ControlPlane:
             self._boot_new_instances(group)
             self._handle_exited_processes(group)
             self._deliver_notices()
+            self._inject_faults()
             self._reclaim_expired()
             self._stop_removed_instances(group)
             if on_tick is not None:
@@ -145,15 +206,26 @@ class ControlPlane:
         return groups[0]
 
     def _boot_new_instances(self, group: dict) -> None:
+        policy = group["MixedInstancesPolicy"]["LaunchTemplate"]
+        self.template_ref = policy["LaunchTemplateSpecification"]
+        self.instance_types = [item["InstanceType"] for item in policy.get("Overrides", [])]
         for member in group["Instances"]:
             instance_id = member["InstanceId"]
             if member["LifecycleState"] == "InService" and instance_id not in self.instances:
-                self._boot(group, instance_id)
+                self._boot(instance_id)
 
-    def _boot(self, group: dict, instance_id: str) -> None:
-        template_ref = group["MixedInstancesPolicy"]["LaunchTemplate"][
-            "LaunchTemplateSpecification"]
-        overrides = group["MixedInstancesPolicy"]["LaunchTemplate"].get("Overrides", [])
+    def _launch_duplicate(self) -> str:
+        """Start an instance of the group's launch template outside the group."""
+        reservation = self.ec2.run_instances(
+            LaunchTemplate={"LaunchTemplateId": self.template_ref["LaunchTemplateId"],
+                            "Version": str(self.template_ref.get("Version", "$Latest"))},
+            MinCount=1, MaxCount=1)
+        instance_id = reservation["Instances"][0]["InstanceId"]
+        self._boot(instance_id)
+        return instance_id
+
+    def _boot(self, instance_id: str) -> None:
+        template_ref = self.template_ref
         versions = self.ec2.describe_launch_template_versions(
             LaunchTemplateId=template_ref["LaunchTemplateId"],
             Versions=[str(template_ref.get("Version", "$Latest"))])
@@ -163,7 +235,7 @@ class ControlPlane:
         reservation = self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]
         ec2_instance = reservation["Instances"][0]
         # Price-capacity-optimized capacity here is always the first type listed.
-        instance_type = overrides[0]["InstanceType"] if overrides else "m5.large"
+        instance_type = self.instance_types[0] if self.instance_types else "m5.large"
         description = InstanceDescription(
             instance_id=instance_id, instance_type=instance_type,
             ami_id=ec2_instance.get("ImageId", "ami-00000000"),
@@ -195,6 +267,15 @@ class ControlPlane:
             "availability_zone": description.availability_zone, "launched_at": time.time()})
         self.say(f"instance {instance_id} started ({instance_type}, "
                  f"{description.availability_zone}); console log {root / 'console.log'}")
+        self._on_boot(self.instances[instance_id])
+
+    def _on_boot(self, instance: EmulatedInstance) -> None:
+        """Deliver what the scenario sends to an instance as soon as it boots."""
+        if self.pending and self.pending[0].on_boot:
+            self._send_notice(instance, self.pending.pop(0), step=None)
+        for state in self.faults:
+            if state.fault.on_boot and not state.fired:
+                self._fire(state, instance)
 
     def _role_of_profile(self, profile_arn: str) -> str:
         profile_name = profile_arn.rsplit("/", 1)[-1]
@@ -234,6 +315,8 @@ class ControlPlane:
                 continue
             self.say(f"instance {instance.instance_id} shut down "
                      f"(user-data exit code {instance.process.returncode})")
+            # Powering off ends whatever the user-data left behind.
+            instance.signal_group(signal.SIGKILL)
             self._terminate_in_group(instance, members)
             self._end(instance)
 
@@ -275,6 +358,8 @@ class ControlPlane:
         if not self.pending:
             return
         interruption = self.pending[0]
+        if interruption.on_boot:
+            return
         for instance in self.instances.values():
             if instance.ended or instance.notice is not None:
                 continue
@@ -282,19 +367,74 @@ class ControlPlane:
             if step is None or step < interruption.after_step:
                 continue
             self.pending.pop(0)
-            reclaim_at = datetime.now(timezone.utc) + timedelta(
-                seconds=interruption.notice_seconds)
-            instance.imds.publish_instance_action(interruption.action, reclaim_at)
-            instance.notice = interruption
-            instance.notice_step = step
-            instance.reclaim_at = time.monotonic() + interruption.notice_seconds
-            self.observation.notices_sent.append({
-                "instance_id": instance.instance_id, "step": step,
-                "action": interruption.action,
-                "notice_seconds": interruption.notice_seconds, "sent_at": time.time()})
-            self.say(f"spot {interruption.action} notice sent to {instance.instance_id} "
-                     f"at step {step}; reclaimed in {interruption.notice_seconds:g} s")
+            self._send_notice(instance, interruption, step)
             return
+
+    def _send_notice(self, instance: EmulatedInstance, interruption: Interruption,
+                     step: int | None) -> None:
+        reclaim_at = datetime.now(timezone.utc) + timedelta(
+            seconds=interruption.notice_seconds)
+        instance.imds.publish_instance_action(interruption.action, reclaim_at)
+        instance.notice = interruption
+        instance.notice_step = step
+        instance.reclaim_at = time.monotonic() + interruption.notice_seconds
+        self.observation.notices_sent.append({
+            "instance_id": instance.instance_id, "step": step,
+            "action": interruption.action,
+            "notice_seconds": interruption.notice_seconds, "sent_at": time.time()})
+        when = "at boot" if step is None else f"at step {step}"
+        self.say(f"spot {interruption.action} notice sent to {instance.instance_id} "
+                 f"{when}; reclaimed in {interruption.notice_seconds:g} s")
+
+    # Faults ----------------------------------------------------------------------------
+
+    def _inject_faults(self) -> None:
+        for state in self.faults:
+            if state.fault.on_boot or (state.fired and not state.fault.repeat):
+                continue
+            for instance in list(self.instances.values()):
+                if instance.ended:
+                    continue
+                step = instance.current_step()
+                if step is None or step < state.fault.after_step:
+                    continue
+                if state.fault.repeat and instance.progress_size() <= state.progress_size_at_hit:
+                    continue
+                if self._fire(state, instance):
+                    break
+
+    def _fire(self, state: FaultState, instance: EmulatedInstance) -> bool:
+        """Inject one fault into an instance; return False when it could not act yet."""
+        fault = state.fault
+        if fault.kind in IMDS_FAULTS:
+            instance.imds.inject_fault(IMDS_FAULTS[fault.kind], fault.duration_seconds,
+                                       delay_s=fault.delay_seconds)
+        elif fault.kind == "rebalance":
+            instance.imds.publish_rebalance_recommendation()
+        elif fault.kind in ("trainer-crash", "trainer-hang"):
+            pids = instance.trainer_pids()
+            if not pids:
+                return False
+            signal_number = signal.SIGKILL if fault.kind == "trainer-crash" else signal.SIGSTOP
+            for pid in pids:
+                _signal(pid, signal_number)
+            state.progress_size_at_hit = instance.progress_size()
+        elif fault.kind == "supervisor-kill":
+            pids = instance.supervisor_pids()
+            if not pids:
+                return False
+            for pid in pids:
+                _signal(pid, signal.SIGKILL)
+        elif fault.kind == "duplicate-instance":
+            duplicate = self._launch_duplicate()
+            self.say(f"duplicate instance {duplicate} of the same run started")
+        state.fired = True
+        step = instance.current_step()
+        self.observation.faults_injected.append({
+            "kind": fault.kind, "instance_id": instance.instance_id, "step": step,
+            "at": time.time()})
+        self.say(f"fault {fault.kind} injected into {instance.instance_id} at step {step}")
+        return True
 
     def _reclaim_expired(self) -> None:
         members = None

@@ -98,7 +98,10 @@ def build_report(*, run: dict, observation: Observation, weights_sha256: str | N
         "reason": status.get("reason"),
         "instances_launched": len(observation.instances),
         "interruptions": interruptions_from_events(run["events"]),
+        "ending": status.get("ending"),
         "crashes": status.get("crashes", 0),
+        "bootstrap_crashes": status.get("bootstrap_crashes", 0),
+        "log_tail": status.get("log_tail", []),
         "final_step": metrics.get("final_step", status.get("step")),
         "final_loss": metrics.get("final_loss"),
         "val_accuracy": metrics.get("val_accuracy"),
@@ -110,6 +113,7 @@ def build_report(*, run: dict, observation: Observation, weights_sha256: str | N
         "duration_s": round(duration_s, 1),
         "instances": observation.instances,
         "notices_sent": observation.notices_sent,
+        "faults_injected": observation.faults_injected,
         "events": [{key: value for key, value in event.items() if key != "log_tail"}
                    for event in run["events"]],
     }
