@@ -23,6 +23,25 @@ cat > run-config.json <<'{delimiter}'
 {config_json}
 {delimiter}
 
+# IMDSv2 must answer a token request before anything else can work (the AWS CLI and
+# the supervisor get the role's credentials from it).
+check_imds() {{
+  local endpoint="${{AWS_EC2_METADATA_SERVICE_ENDPOINT:-http://169.254.169.254/}}"
+  for attempt in 1 2 3; do
+    local url="${{endpoint%/}}/latest/api/token"
+    if curl -sf -m 3 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' "$url" >/dev/null
+    then
+      return 0
+    fi
+    sleep 2
+  done
+  echo "spotrun: the instance metadata service at $endpoint did not answer a token" >&2
+  echo "spotrun: request; check the launch template's MetadataOptions: HttpEndpoint" >&2
+  echo "spotrun: enabled, HttpTokens, HttpPutResponseHopLimit (1 on the host, 2 in" >&2
+  echo "spotrun: containers)" >&2
+  return 1
+}}
+
 fetch_code() {{
   for attempt in 1 2 3 4 5; do
     if aws s3 cp --only-show-errors --region '{region}' '{code_uri}' code.zip; then
@@ -34,7 +53,7 @@ fetch_code() {{
   return 1
 }}
 
-if fetch_code && rm -rf code && "$SPOTRUN_PYTHON" -m zipfile -e code.zip code; then
+if check_imds && fetch_code && rm -rf code && "$SPOTRUN_PYTHON" -m zipfile -e code.zip code; then
   (cd code && "$SPOTRUN_PYTHON" -m bootstrap --config ../run-config.json)
   echo "spotrun: supervisor exited with code $?"
 else
