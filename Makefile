@@ -24,7 +24,8 @@ $(NODE_STAMP): package.json package-lock.json
 # The main job on the local cloud: deploy, train, one spot interruption, resume,
 # finish, destroy. Prints progress and writes demo-report.json.
 demo: setup
-	$(PY) -m emulator run --scenario emulator/scenarios/demo.json --report demo-report.json
+	$(PY) -m emulator run --scenario emulator/scenarios/demo.json --report demo-report.json \
+		--work-dir .spotrun/demo
 
 test: setup
 	$(PY) -m pytest

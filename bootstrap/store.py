@@ -6,6 +6,7 @@
       events/<ns>-<instance>-<type>.json   append-only lifecycle events
       checkpoints/step-NNNNNNNN/...   checkpoint files, manifest.json written last
       checkpoints/latest.json         newest committed checkpoint, moved last
+      metrics/progress-<instance>.jsonl   the trainer's progress lines (loss history)
       output/                         final model and metrics
       DONE                            completion marker
 """
@@ -20,6 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
 from ml.contract import (
@@ -31,6 +33,9 @@ from ml.contract import (
 )
 
 log = logging.getLogger("spotrun.store")
+
+# Lines of the progress history kept in S3 per instance.
+MAX_PROGRESS_LINES = 10_000
 
 
 class LeaseLostError(RuntimeError):
@@ -63,11 +68,16 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 class RunStore:
-    def __init__(self, s3, bucket: str, run_id: str) -> None:
+    def __init__(self, s3, bucket: str, run_id: str,
+                 transfer_config: TransferConfig | None = None) -> None:
         self.s3 = s3
         self.bucket = bucket
         self.run_id = run_id
         self.prefix = f"runs/{run_id}/"
+        # Part size and parallel parts of checkpoint uploads (boto3's defaults unless
+        # given). s3transfer aborts a multipart upload that fails, and the bucket's
+        # lifecycle rule removes one cut off by a killed process.
+        self.transfer_config = transfer_config or TransferConfig()
 
     # Small JSON objects -------------------------------------------------------------
 
@@ -194,9 +204,10 @@ class RunStore:
         started = time.monotonic()
         key_prefix = f"{self.prefix}checkpoints/{folder.name}/"
         for item in manifest.files:
-            self.s3.upload_file(str(folder / item.name), self.bucket, key_prefix + item.name)
+            self.s3.upload_file(str(folder / item.name), self.bucket, key_prefix + item.name,
+                                Config=self.transfer_config)
         self.s3.upload_file(str(folder / MANIFEST_NAME), self.bucket,
-                            key_prefix + MANIFEST_NAME)
+                            key_prefix + MANIFEST_NAME, Config=self.transfer_config)
         lease = self.renew_lease(lease)
         self._put_json("checkpoints/latest.json", {
             "step": manifest.step, "epoch": manifest.epoch, "folder": folder.name,
@@ -286,6 +297,26 @@ class RunStore:
                 raise
         (folder / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         return True
+
+    # Progress history ------------------------------------------------------------------
+
+    def upload_progress(self, instance_id: str, path: Path) -> None:
+        """Copy the trainer's progress lines to ``metrics/progress-<instance_id>.jsonl``.
+
+        Only whole lines are copied. Beyond MAX_PROGRESS_LINES, every k-th line and the
+        last one are kept, so the object stays small on long runs.
+        """
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+        lines = data[:data.rfind(b"\n") + 1].splitlines()
+        if len(lines) > MAX_PROGRESS_LINES:
+            stride = -(-len(lines) // MAX_PROGRESS_LINES)
+            lines = lines[::stride] + ([lines[-1]] if (len(lines) - 1) % stride else [])
+        self.s3.put_object(Bucket=self.bucket,
+                           Key=f"{self.prefix}metrics/progress-{instance_id}.jsonl",
+                           Body=b"\n".join(lines) + b"\n", ContentType="application/x-ndjson")
 
     # Data and output ---------------------------------------------------------------
 

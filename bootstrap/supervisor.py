@@ -24,6 +24,13 @@ from bootstrap.imds import (
     RebalanceRecommendation,
     SpotInstanceAction,
 )
+from bootstrap.reporting import (
+    Notifier,
+    RunContextFilter,
+    TrainerLogForwarder,
+    flush_handlers,
+    start_cloudwatch_logs,
+)
 from bootstrap.store import Lease, LeaseLostError, RunStore, fetch_data
 from bootstrap.trainer import ProgressReader, TrainerProcess
 from ml import contract
@@ -75,12 +82,19 @@ class Supervisor:
         self.autoscaling = aws.client(session, "autoscaling")
         self.store = RunStore(self.s3, config.bucket, config.run_id)
         self.notices = NoticeWatcher(imds)
+        self.logs_client = aws.client(session, "logs")
+        self.notifier = Notifier(aws.client(session, "sns"), config.topic_arn, config.run_id)
 
         self.checkpoint_dir = work_dir / "checkpoints"
         self.data_dir = work_dir / "data"
         self.output_dir = work_dir / "output"
         self.progress_path = work_dir / "progress.jsonl"
         self.progress = ProgressReader(self.progress_path)
+        self.log_context = RunContextFilter(config.run_id, identity.instance_id,
+                                            lambda: self.progress.step)
+        self._log_handlers: list = []
+        self.trainer_logs: TrainerLogForwarder | None = None
+        self._progress_uploaded_size = 0
         self.counters = Counters()
         self.state = "starting"
         self.lease: Lease | None = None
@@ -101,6 +115,12 @@ class Supervisor:
     # Entry point ---------------------------------------------------------------------
 
     def run(self) -> int:
+        if self.config.log_group:
+            self._log_handlers = start_cloudwatch_logs(self.logs_client, self.config.log_group,
+                                                       self.log_context)
+            self.trainer_logs = TrainerLogForwarder(self.logs_client, self.config.log_group,
+                                                    self.log_context,
+                                                    self.work_dir / "trainer.log")
         try:
             self._start()
             self._prepare()
@@ -109,6 +129,11 @@ class Supervisor:
             return ended.exit_code
         finally:
             self._uploader.shutdown(wait=False, cancel_futures=True)
+            if self.trainer_logs is not None:
+                self.trainer_logs.forward_new_lines()
+                flush_handlers([self.trainer_logs.handler] if self.trainer_logs.handler else [])
+            self.notifier.wait()
+            flush_handlers(self._log_handlers)
         return EXIT_OK
 
     # Start-up --------------------------------------------------------------------------
@@ -175,12 +200,19 @@ class Supervisor:
         self._check_notices_during_start("downloading the training data")
 
         manifest = self.store.download_newest_checkpoint(self.checkpoint_dir)
+        where = f"{self.identity.instance_id} ({self.identity.instance_type}, " \
+                f"{self.identity.availability_zone})"
         if manifest is not None:
             self.resumed_from = manifest.step
             self.committed_step = manifest.step
             self._submitted_steps.add(manifest.step)
             self.store.append_event("resumed", self.identity.instance_id,
                                     step=manifest.step, epoch=manifest.epoch)
+            self.notifier.publish(f"resumed from step {manifest.step}",
+                                  [f"Resumed from checkpoint step {manifest.step} on {where}.",
+                                   f"Interruptions so far: {self.counters.interruptions}."])
+        else:
+            self.notifier.publish("started", [f"Training started on {where}."])
         self._check_notices_during_start("downloading the checkpoint")
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -238,6 +270,8 @@ class Supervisor:
     def _tick(self) -> None:
         if self.progress.read_new():
             self._last_progress_at = time.monotonic()
+        if self.trainer_logs is not None:
+            self.trainer_logs.forward_new_lines()
         self._check_heartbeat()
         self._upload_new_checkpoints()
         now = time.monotonic()
@@ -354,6 +388,12 @@ class Supervisor:
         self.state = "interrupted"
         self._write_status(force=True)
         self._release_lease()
+        self.notifier.publish(
+            f"interrupted at step {step_at_notice}",
+            [f"Spot interruption notice for {self.identity.instance_id} at step "
+             f"{step_at_notice}.",
+             f"Checkpoint committed for it: step {checkpoint_step}; steps lost: {steps_lost}.",
+             "The group launches a replacement, which resumes from that checkpoint."])
         raise RunEnded(EXIT_INTERRUPTED)
 
     # Checkpoint upload -----------------------------------------------------------------
@@ -439,6 +479,16 @@ class Supervisor:
             **extra,
         }
         self.store.write_status(status)
+        self._upload_progress()
+
+    def _upload_progress(self) -> None:
+        try:
+            size = self.progress_path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size != self._progress_uploaded_size:
+            self.store.upload_progress(self.identity.instance_id, self.progress_path)
+            self._progress_uploaded_size = size
 
     def _release_lease(self) -> None:
         if self.lease is not None:
@@ -476,6 +526,15 @@ class Supervisor:
                               "final_step": self.progress.step})
         self._release_lease()
         self._set_capacity_zero()
+        latest = self.progress.latest or {}
+        self.notifier.publish("completed", [
+            f"Training completed at step {latest.get('step')} with final loss "
+            f"{latest.get('loss')}.",
+            f"Instances: {self.counters.instances_launched}, interruptions: "
+            f"{self.counters.interruptions}, crashes: {self.counters.crashes}.",
+            f"Hours since the run started: {(time.time() - self.counters.started_at) / 3600:.2f}"
+            f" (cost: `python -m spotrun_cli status {self.config.run_id}`).",
+            f"Model and metrics: s3://{self.config.bucket}/{self.config.run_prefix}output/"])
         raise RunEnded(EXIT_OK)
 
     def _finish_failed(self, ending: str, reason: str,
@@ -485,6 +544,9 @@ class Supervisor:
         self._write_status(force=True, ending=ending, reason=reason, log_tail=log_tail or [])
         self.store.append_event("failed", self.identity.instance_id, ending=ending,
                                 reason=reason)
+        self.notifier.publish("failed", [f"The run failed: {reason}.",
+                                         "Last lines of the trainer's log:",
+                                         *(log_tail or [])[-20:]])
         self._release_lease()
         self._set_capacity_zero()
         raise RunEnded(EXIT_RUN_FAILED)
@@ -494,6 +556,9 @@ class Supervisor:
         self._write_status(force=True, ending="max_runtime", reason=reason)
         self.store.append_event("stopped", self.identity.instance_id, ending="max_runtime",
                                 reason=reason, committed_step=self.committed_step)
+        self.notifier.publish("stopped", [f"The run stopped: {reason}.",
+                                          f"Last committed checkpoint: step "
+                                          f"{self.committed_step}."])
         self._release_lease()
         self._set_capacity_zero()
         raise RunEnded(EXIT_RUN_FAILED)

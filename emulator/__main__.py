@@ -23,6 +23,7 @@ from emulator.cloud import CloudError, LocalCloud
 from emulator.instances import ControlPlane
 from emulator.report import build_report, final_weights_sha256, read_run
 from emulator.scenario import Scenario, ScenarioError, load_scenario
+from spotrun_cli import write_html_report
 from stacks.config import ParameterError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -160,17 +161,24 @@ def run_on_cloud(cloud: LocalCloud, scenario: Scenario, work_dir: Path,
     weights = final_weights_sha256(s3, outputs["BucketName"], params.run_name)
     console.say(f"group at desired capacity {group['DesiredCapacity']}, "
                 f"{running} instance(s) running")
+    html_report = write_html_report(
+        s3, outputs["BucketName"], params.run_name, work_dir / params.run_name / "report",
+        log_group=outputs.get("LogGroupName"), stack_name=stack_name,
+        no_spot_reason="local cloud: no spot price history")
+    console.say(f"HTML report: {html_report}")
 
     cloud.cdk(["destroy", stack_name, "--force"], context=scenario.context_overrides(),
               log_name=f"cdk-destroy-{params.run_name}")
     deleted = _stack_deleted(cloud, stack_name)
     console.say(f"cdk destroy: stack {'deleted' if deleted else 'NOT deleted'}"
                 f"{'; run bucket kept' if params.keep_bucket else ''}")
-    return build_report(run=run_data, observation=observation, weights_sha256=weights,
-                        desired_capacity=group["DesiredCapacity"],
-                        running_instances=running, stack_deleted=deleted,
-                        duration_s=time.monotonic() - started,
-                        scenario_description=scenario.description)
+    report = build_report(run=run_data, observation=observation, weights_sha256=weights,
+                          desired_capacity=group["DesiredCapacity"],
+                          running_instances=running, stack_deleted=deleted,
+                          duration_s=time.monotonic() - started,
+                          scenario_description=scenario.description)
+    report["html_report"] = str(html_report)
+    return report
 
 
 def _stack_outputs(cloud: LocalCloud, stack_name: str) -> dict[str, str]:
@@ -208,6 +216,7 @@ def _print_summary(console: Console, report: dict, report_path: Path) -> None:
         console.say(f"  interruption at step {item['step_at_notice']}: checkpoint step "
                     f"{item['checkpoint_step']}, steps lost {item['steps_lost']}, resumed "
                     f"from {item['resumed_from']}")
+    console.say(f"HTML report with charts: {report['html_report']}")
     console.say(f"report: {report_path}")
 
 

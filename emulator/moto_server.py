@@ -4,8 +4,9 @@ moto 5.2 evaluates IAM policies when INITIAL_NO_AUTH_ACTION_COUNT is set, with t
 that matter here, both filled before moto's own server starts:
 
 * Every non-S3 request is authorized against the resource ``*``, so a policy scoped to
-  one Auto Scaling group (the least privilege the stack grants) would be denied although
-  AWS allows it. Auto Scaling requests get the ARN of the group they name, as on AWS.
+  one Auto Scaling group, log group or topic (the least privilege the stack grants)
+  would be denied although AWS allows it. Auto Scaling, CloudWatch Logs and SNS
+  requests get the ARN of the group, log stream or topic they name, as on AWS.
 * A role trust policy with a service principal (``"Service": "ec2.amazonaws.com"``)
   makes AssumeRole fail with an internal error, so nothing can act as EC2 and hand an
   instance its role. The IAM user SERVICE_USERS names stands for that service: a role
@@ -26,6 +27,8 @@ import json
 import sys
 
 from moto.autoscaling.responses import AutoScalingResponse
+from moto.logs.responses import LogsResponse
+from moto.sns.responses import SNSResponse
 from moto.ec2.models import ec2_backends
 from moto.ec2.models.internet_gateways import InternetGateway
 from moto.ec2.models.route_tables import RouteTable
@@ -50,6 +53,20 @@ def _group_resource(self: AutoScalingResponse) -> str:
             if any(state.instance.id == instance_id for state in group.instance_states):
                 return group.arn
     return "*"
+
+
+def _log_resource(self: LogsResponse) -> str:
+    """Return the ARN of the log stream (or log group) a CloudWatch Logs request names."""
+    group = self._get_param("logGroupName")
+    if not group:
+        return "*"
+    prefix = f"arn:aws:logs:{self.region}:{self.current_account}:log-group:{group}"
+    stream = self._get_param("logStreamName")
+    return f"{prefix}:log-stream:{stream}" if stream else f"{prefix}:*"
+
+
+def _topic_resource(self: SNSResponse) -> str:
+    return self._get_param("TopicArn") or "*"
 
 
 def _trusts_service(trust_policy: dict, service: str) -> bool:
@@ -114,6 +131,8 @@ def main() -> None:
     InternetGateway.delete_from_cloudformation_json = classmethod(_delete_internet_gateway)
     RouteTable.delete_from_cloudformation_json = classmethod(_delete_route_table)
     AutoScalingResponse._determine_resource = _group_resource
+    LogsResponse._determine_resource = _log_resource
+    SNSResponse._determine_resource = _topic_resource
     IAMRequestBase._check_role_trust_relationship = _check_role_trust_relationship
     moto_main(sys.argv[1:])
 

@@ -53,6 +53,12 @@ fetch_code() {{
   return 1
 }}
 
+# The AMI's Python brings PyTorch; boto3 and watchtower are added only when missing.
+if ! "$SPOTRUN_PYTHON" -c 'import boto3, watchtower' 2>/dev/null; then
+  "$SPOTRUN_PYTHON" -m pip install --quiet 'boto3>=1.34' 'watchtower==3.4.0' ||
+    echo "spotrun: could not install boto3/watchtower; logs stay on the instance" >&2
+fi
+
 if check_imds && fetch_code && rm -rf code && "$SPOTRUN_PYTHON" -m zipfile -e code.zip code; then
   (cd code && "$SPOTRUN_PYTHON" -m bootstrap --config ../run-config.json)
   echo "spotrun: supervisor exited with code $?"
