@@ -1,4 +1,4 @@
-"""What the run tells the outside world: CloudWatch Logs and SNS notifications.
+"""Run reporting to the outside world: CloudWatch Logs and SNS notifications.
 
 Neither may stop or slow training. Log records are batched and sent from watchtower's
 background thread; a failed notification is logged as a warning and dropped.

@@ -185,7 +185,8 @@ class Supervisor:
                          self.config.run_id)
                 raise RunEnded(EXIT_OK)
             if time.monotonic() > deadline:
-                log.error("another instance holds the run lease; exiting without training")
+                log.error("the run lease is held by another instance; exiting without "
+                          "training")
                 raise RunEnded(EXIT_LEASE_BUSY)
             self._check_notices_during_start("waiting for the run lease")
             time.sleep(min(2.0, ttl / 4))

@@ -1,10 +1,10 @@
 """The EC2 and Auto Scaling control plane of the local cloud.
 
 moto keeps the group's records; this module does what EC2 and the group do beyond
-records: it boots each in-service instance (an IMDS endpoint plus the launch
-template's user-data run by bash), delivers spot notices from the scenario, reclaims
-an instance when its notice expires, turns an instance-initiated shutdown into a
-termination, and lets the group replace what was terminated.
+records. It boots each in-service instance: an IMDS endpoint, plus the launch
+template's user-data run by bash. It delivers the scenario's spot notices and faults,
+and reclaims an instance when its notice expires. It turns an instance-initiated
+shutdown into a termination and lets the group replace what was terminated.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class FaultState:
 
 @dataclass
 class Observation:
-    """What the control plane saw, for the report."""
+    """Record of the control plane's actions and observations, for the report."""
 
     instances: list[dict] = field(default_factory=list)
     notices_sent: list[dict] = field(default_factory=list)
@@ -166,6 +166,8 @@ class ControlPlane:
     def run(self, on_tick: Callable[[], None] | None = None) -> Observation:
         """Run until the group is at zero with no instance left, or the timeout."""
         deadline = time.monotonic() + self.scenario.timeout_seconds
+        if self.scenario.revoke_actions:
+            self._revoke_role_actions(self.scenario.revoke_actions)
         while True:
             group = self._describe_group()
             self._boot_new_instances(group)
@@ -277,6 +279,42 @@ class ControlPlane:
             if state.fault.on_boot and not state.fired:
                 self._fire(state, instance)
 
+    def _revoke_role_actions(self, actions: tuple[str, ...]) -> None:
+        """Remove IAM actions from the instance role's inline policies (before any boot)."""
+        group = self._describe_group()
+        template_ref = group["MixedInstancesPolicy"]["LaunchTemplate"][
+            "LaunchTemplateSpecification"]
+        versions = self.ec2.describe_launch_template_versions(
+            LaunchTemplateId=template_ref["LaunchTemplateId"],
+            Versions=[str(template_ref.get("Version", "$Latest"))])
+        template = versions["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+        role_name = self._role_of_profile(template["IamInstanceProfile"]["Arn"])
+        revoked = {action.lower() for action in actions}
+        removed = 0
+        for policy_name in self.iam.list_role_policies(RoleName=role_name)["PolicyNames"]:
+            document = self.iam.get_role_policy(RoleName=role_name,
+                                                PolicyName=policy_name)["PolicyDocument"]
+            if isinstance(document, str):
+                document = json.loads(document)
+            statements = document["Statement"]
+            statements = statements if isinstance(statements, list) else [statements]
+            kept = []
+            for statement in statements:
+                granted = statement.get("Action", [])
+                granted = [granted] if isinstance(granted, str) else granted
+                remaining = [action for action in granted if action.lower() not in revoked]
+                removed += len(granted) - len(remaining)
+                if remaining:
+                    kept.append({**statement, "Action": remaining})
+            document["Statement"] = kept
+            self.iam.put_role_policy(RoleName=role_name, PolicyName=policy_name,
+                                     PolicyDocument=json.dumps(document))
+        if removed == 0:
+            raise RuntimeError(f"no inline policy of role {role_name} grants any of "
+                               f"{', '.join(actions)}; nothing to revoke")
+        self.say(f"revoked {', '.join(actions)} from role {role_name} "
+                 f"({removed} grant(s) removed)")
+
     def _role_of_profile(self, profile_arn: str) -> str:
         profile_name = profile_arn.rsplit("/", 1)[-1]
         profile = self.iam.get_instance_profile(InstanceProfileName=profile_name)
@@ -301,14 +339,14 @@ class ControlPlane:
             "AWS_SHARED_CREDENTIALS_FILE": str(root / "aws-config"),
             "SPOTRUN_ROOT": str(root),
             "SPOTRUN_PYTHON": sys.executable,
-            # The script's last line powers off; here the control plane sees the exit.
+            # The script's last line powers off; here the control plane detects the exit.
             "SPOTRUN_SHUTDOWN_COMMAND": "true",
         }
 
     # Lifecycle ---------------------------------------------------------------------
 
     def _handle_exited_processes(self, group: dict) -> None:
-        """An exited user-data script means the instance powered itself off."""
+        """Terminate instances whose user-data exited: they powered themselves off."""
         members = {member["InstanceId"] for member in group["Instances"]}
         for instance in self.instances.values():
             if instance.ended or instance.process.poll() is None:

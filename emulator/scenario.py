@@ -11,9 +11,9 @@ A scenario is a JSON object::
 
 ``params`` overrides stack parameters of cdk.json for this run. Each interruption sends
 a spot instance-action notice to the instance that is training once its progress passes
-``after_step`` (or, with ``"on_boot": true``, to the next instance as soon as it boots);
-``notice_seconds`` later the instance is reclaimed (killed) if it still runs, and the
-group replaces it. Interruptions are delivered in the order given.
+``after_step``. With ``"on_boot": true`` the notice goes to the next instance as soon as
+it boots instead. ``notice_seconds`` later the instance is reclaimed (killed) if it still
+runs, and the group replaces it. Interruptions are delivered in the order given.
 
 ``faults`` (optional) lists faults injected once the training instance passes
 ``after_step`` (or at boot with ``"on_boot": true``)::
@@ -29,11 +29,16 @@ SIGSTOP); ``supervisor-kill`` (the supervisor process is killed); ``duplicate-in
 (a second instance of the same launch template starts outside the group).
 ``"repeat": true`` makes ``trainer-crash`` and ``trainer-hang`` hit every trainer that
 reaches ``after_step`` again after a restart.
+
+``revoke_actions`` (optional) lists IAM actions, such as ``"s3:DeleteObject"``, that the
+control plane removes from the instance role's inline policies right after deployment,
+to check how a run fails when a permission is missing.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +66,7 @@ IMDS_FAULTS = {"imds-unauthorized": "unauthorized", "imds-token-expiry": "token-
 FAULT_KINDS = (*IMDS_FAULTS, "rebalance", "trainer-crash", "trainer-hang",
                "supervisor-kill", "duplicate-instance")
 REPEATABLE_FAULTS = ("trainer-crash", "trainer-hang")
+IAM_ACTION_PATTERN = re.compile(r"^[a-z0-9-]+:[A-Za-z0-9]+$")
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ class Scenario:
     interruptions: tuple[Interruption, ...] = ()
     faults: tuple[Fault, ...] = ()
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    revoke_actions: tuple[str, ...] = ()
 
     def run_parameters(self, cdk_context: dict) -> RunParameters:
         """Merge cdk.json context, the local time scale and this scenario's overrides."""
@@ -117,7 +124,8 @@ def parse_scenario(data: object, source: str = "scenario") -> Scenario:
     if not isinstance(data, dict):
         raise ScenarioError(f"{source}: expected a JSON object at the top level, got "
                             f"{type(data).__name__}")
-    known = {"description", "params", "interruptions", "faults", "timeout_seconds"}
+    known = {"description", "params", "interruptions", "faults", "timeout_seconds",
+             "revoke_actions"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ScenarioError(f"{source}: unknown field {unknown[0]!r}; valid fields are "
@@ -141,9 +149,16 @@ def parse_scenario(data: object, source: str = "scenario") -> Scenario:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ScenarioError(f"{source}: timeout_seconds={json.dumps(timeout)} must be a "
                             f"positive number of seconds")
+    revoke_actions = data.get("revoke_actions", [])
+    if (not isinstance(revoke_actions, list)
+            or not all(isinstance(action, str) and IAM_ACTION_PATTERN.match(action)
+                       for action in revoke_actions)):
+        raise ScenarioError(f"{source}: revoke_actions={json.dumps(revoke_actions)} must be "
+                            f"a list of IAM actions without wildcards, such as "
+                            f"[\"s3:DeleteObject\"]")
     scenario = Scenario(description=str(data.get("description", "")), params=params,
                         interruptions=interruptions, faults=faults,
-                        timeout_seconds=float(timeout))
+                        timeout_seconds=float(timeout), revoke_actions=tuple(revoke_actions))
     try:
         from_context({**LOCAL_PARAMETER_DEFAULTS, **params})
     except ParameterError as error:
