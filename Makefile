@@ -8,7 +8,7 @@ NODE_STAMP := node_modules/.installed
 export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
 export CDK_DISABLE_VERSION_CHECK := 1
 
-.PHONY: setup demo test synth clean
+.PHONY: setup demo test bench synth clean
 
 setup: $(PY_STAMP) $(NODE_STAMP)
 
@@ -29,6 +29,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Checkpoint benchmark against a local moto server (about 5 minutes); figures, not tests.
+bench: setup
+	$(PY) -m bench checkpoint
 
 synth: setup
 	npx cdk synth --quiet

@@ -1,0 +1,1 @@
+"""Benchmarks of spotrun, run as ``python -m bench NAME``. See docs/benchmarks.md."""
