@@ -6,6 +6,7 @@ import sys
 import aws_cdk as cdk
 
 from stacks.config import ParameterError, from_context
+from stacks.nag import apply_checks
 from stacks.training_stack import TrainingStack
 
 
@@ -18,6 +19,8 @@ def main() -> None:
         sys.exit(2)
     TrainingStack(app, f"Spotrun-{params.run_name}", params=params,
                   description=f"spotrun training run {params.run_name} on EC2 Spot")
+    # An unsuppressed AwsSolutions error makes `cdk synth` and `cdk deploy` fail.
+    apply_checks(app)
     app.synth()
 
 

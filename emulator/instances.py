@@ -298,15 +298,15 @@ class ControlPlane:
                 document = json.loads(document)
             statements = document["Statement"]
             statements = statements if isinstance(statements, list) else [statements]
-            kept = []
+            remaining_statements = []
             for statement in statements:
                 granted = statement.get("Action", [])
                 granted = [granted] if isinstance(granted, str) else granted
                 remaining = [action for action in granted if action.lower() not in revoked]
                 removed += len(granted) - len(remaining)
                 if remaining:
-                    kept.append({**statement, "Action": remaining})
-            document["Statement"] = kept
+                    remaining_statements.append({**statement, "Action": remaining})
+            document["Statement"] = remaining_statements
             self.iam.put_role_policy(RoleName=role_name, PolicyName=policy_name,
                                      PolicyDocument=json.dumps(document))
         if removed == 0:

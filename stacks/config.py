@@ -25,6 +25,11 @@ AMI_ID_PATTERN = re.compile(r"^ami-[0-9a-f]{8,17}$")
 LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731,
                       1096, 1827, 2192, 2557, 2922, 3288, 3653)
 S3_URI_PATTERN = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/.*)?$")
+# EC2 resource ids: the prefix, then 8 (older) or 17 hexadecimal digits.
+VPC_ID_PATTERN = re.compile(r"^vpc-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
+SUBNET_ID_PATTERN = re.compile(r"^subnet-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
+# A plausibility check only: SNS sends a confirmation message to the address.
+EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
 class ParameterError(ValueError):
@@ -93,6 +98,37 @@ class RunParameters:
     log_retention_days: int = 30
     """Retention of the run's CloudWatch log group, in days."""
 
+    notification_email: str = ""
+    """Email address subscribed to the run's SNS topic; empty for no subscription.
+    AWS sends a confirmation message that the recipient must accept."""
+
+    nodes: int = 1
+    """Instances in the group (its maximum and desired capacity). Only 1 is accepted
+    for now: the supervisor trains on one instance per run (the run lease holder), and
+    extra instances would wait for the lease, power off and be replaced, at a cost."""
+
+    gpus_per_node: int = 1
+    """GPUs used on each node. Kept for launching torchrun with one process per GPU;
+    the stack and the supervisor do not use it yet."""
+
+    vpc_id: str = ""
+    """Existing VPC to launch into, with subnet_ids; empty to create a VPC."""
+
+    subnet_ids: tuple[str, ...] = ()
+    """Public subnets of vpc_id for the group; they must give instances a route to S3."""
+
+    on_demand_fallback: bool = False
+    """After a failed launch, switch the group to On-Demand capacity for the rest of
+    the run (an EventBridge rule starts an SSM Automation that updates the group)."""
+
+    capacity_rebalance: bool = False
+    """Let the group launch a replacement as soon as EC2 recommends a rebalance. The
+    run lease keeps the replacement from training until the old instance is gone."""
+
+    fis_drill: bool = False
+    """Add an AWS FIS experiment template that sends spot interruptions to the group's
+    running instances (started by hand, never automatically)."""
+
     def __post_init__(self) -> None:
         _check(RUN_NAME_PATTERN.match(self.run_name), "run_name", self.run_name,
                "lowercase letters, digits and hyphens, 1-40 characters, "
@@ -144,6 +180,28 @@ class RunParameters:
         _check(self.log_retention_days in LOG_RETENTION_DAYS, "log_retention_days",
                self.log_retention_days,
                f"one of the CloudWatch Logs retention periods {list(LOG_RETENTION_DAYS)}")
+        _check(not self.notification_email or EMAIL_PATTERN.match(self.notification_email),
+               "notification_email", self.notification_email,
+               "an email address such as ml-team@example.com, or \"\" for none")
+        _check(self.nodes == 1, "nodes", self.nodes,
+               "1 (multi-node training is not supported yet; more instances would only "
+               "wait for the run lease)")
+        _check(self.gpus_per_node >= 0, "gpus_per_node", self.gpus_per_node,
+               "an integer of 0 or more (0 for CPU-only instances)")
+        self._check_network()
+
+    def _check_network(self) -> None:
+        _check(not self.vpc_id or VPC_ID_PATTERN.match(self.vpc_id), "vpc_id", self.vpc_id,
+               "a VPC id such as vpc-0123456789abcdef0, or \"\" to create a VPC")
+        for subnet_id in self.subnet_ids:
+            _check(SUBNET_ID_PATTERN.match(subnet_id), "subnet_ids", subnet_id,
+                   "subnet ids such as subnet-0123456789abcdef0")
+        _check(len(set(self.subnet_ids)) == len(self.subnet_ids), "subnet_ids",
+               list(self.subnet_ids), "each subnet listed once")
+        _check(self.subnet_ids or not self.vpc_id, "subnet_ids", list(self.subnet_ids),
+               f"the public subnets of vpc_id {self.vpc_id} (give both or neither)")
+        _check(self.vpc_id or not self.subnet_ids, "vpc_id", self.vpc_id,
+               "the id of the VPC that holds subnet_ids (give both or neither)")
 
     @property
     def max_runtime_seconds(self) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 
 import jsii
@@ -24,6 +25,8 @@ from constructs import Construct
 
 from bootstrap.config import RunConfig
 from stacks.config import RunParameters
+from stacks.nag import add_nag_suppressions
+from stacks.run_controls import RunControls
 from stacks.user_data import render_user_data
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -34,20 +37,29 @@ CODE_BUNDLE_EXCLUDES = ["*", ".*", "!bootstrap", "!bootstrap/**", "!ml", "!ml/**
 
 
 class TrainingStack(Stack):
-    """Bucket, instance role, launch template and spot Auto Scaling group of one run."""
+    """Bucket, instance role, launch template and spot Auto Scaling group of one run.
+
+    ``now`` is the synth time that the account-side maximum run time counts from;
+    tests pass a fixed time.
+    """
 
     def __init__(self, scope: Construct, construct_id: str, *, params: RunParameters,
-                 **kwargs) -> None:
+                 now: datetime | None = None, **kwargs) -> None:
         super().__init__(scope, construct_id, **kwargs)
         self.params = params
         self.group_name = f"spotrun-{params.run_name}"
+        self.group_arn = self.format_arn(
+            service="autoscaling", resource="autoScalingGroup",
+            resource_name=f"*:autoScalingGroupName/{self.group_name}",
+            arn_format=ArnFormat.COLON_RESOURCE_NAME)
 
         self.bucket = self._run_bucket()
         self.code_asset = s3_assets.Asset(self, "CodeBundle", path=str(PROJECT_ROOT),
                                           exclude=CODE_BUNDLE_EXCLUDES)
         self.data_asset = self._data_asset()
+        self.log_group_name = f"/spotrun/{params.run_name}"
         self.log_group = logs.LogGroup(
-            self, "Logs", log_group_name=f"/spotrun/{params.run_name}",
+            self, "Logs", log_group_name=self.log_group_name,
             removal_policy=RemovalPolicy.DESTROY)
         self.log_group.node.default_child.retention_in_days = params.log_retention_days
         self.topic = sns.Topic(self, "Notifications", enforce_ssl=True)
@@ -59,12 +71,22 @@ class TrainingStack(Stack):
             description="spotrun training instances: no inbound traffic")
         launch_template = self._launch_template(security_group)
         self.group = self._auto_scaling_group(vpc, launch_template)
+        self.controls = RunControls(
+            self, "Controls", params=params, group=self.group, group_name=self.group_name,
+            group_arn=self.group_arn, topic=self.topic, instance_role=self.role,
+            now=now or datetime.now(timezone.utc))
 
         CfnOutput(self, "BucketName", value=self.bucket.bucket_name)
         CfnOutput(self, "GroupName", value=self.group_name)
         CfnOutput(self, "RunId", value=params.run_name)
         CfnOutput(self, "LogGroupName", value=self.log_group.log_group_name)
         CfnOutput(self, "TopicArn", value=self.topic.topic_arn)
+        CfnOutput(self, "MaxRuntimeStopAt", value=self.controls.deadline.isoformat(),
+                  description="UTC time at which a schedule sets the group to 0")
+        if self.controls.fis_template is not None:
+            CfnOutput(self, "FisDrillTemplateId", value=self.controls.fis_template.attr_id,
+                      description="aws fis start-experiment --experiment-template-id <id>")
+        add_nag_suppressions(self)
 
     # Storage ----------------------------------------------------------------------
 
@@ -93,7 +115,9 @@ class TrainingStack(Stack):
 
     # Network ----------------------------------------------------------------------
 
-    def _network(self) -> ec2.Vpc:
+    def _network(self) -> ec2.IVpc:
+        if self.params.vpc_id:
+            return self._existing_network()
         # Public subnets only, plus an S3 gateway endpoint: no NAT gateway to pay for.
         vpc = ec2.Vpc(
             self, "Vpc",
@@ -107,6 +131,20 @@ class TrainingStack(Stack):
         vpc.add_gateway_endpoint("S3Endpoint", service=ec2.GatewayVpcEndpointAwsService.S3)
         return vpc
 
+    def _existing_network(self) -> ec2.IVpc:
+        """Import the VPC and subnets given by id; nothing is looked up at synth.
+
+        The stack adds no endpoint or route to a VPC it does not own, so the subnets
+        must already reach S3 (a public IP and an internet gateway, a NAT gateway or
+        an S3 gateway endpoint).
+        """
+        self.imported_subnets = [
+            ec2.Subnet.from_subnet_id(self, f"Subnet{index}", subnet_id)
+            for index, subnet_id in enumerate(self.params.subnet_ids)]
+        return ec2.Vpc.from_vpc_attributes(
+            self, "Vpc", vpc_id=self.params.vpc_id,
+            availability_zones=self.availability_zones)
+
     # Permissions ------------------------------------------------------------------
 
     def _instance_role(self) -> iam.Role:
@@ -114,10 +152,13 @@ class TrainingStack(Stack):
             self, "InstanceRole",
             assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
             description=f"spotrun run {self.params.run_name}: training instances")
-        self.code_asset.grant_read(role)
-        if self.data_asset is not None:
-            self.data_asset.grant_read(role)
-        else:
+        # The instance reads exactly its asset objects, not the whole CDK asset bucket
+        # (shared by every stack of the account) that Asset.grant_read would open.
+        assets = [self.code_asset] + ([self.data_asset] if self.data_asset else [])
+        role.add_to_policy(iam.PolicyStatement(
+            sid="AssetRead", actions=["s3:GetObject"],
+            resources=[asset.bucket.arn_for_objects(asset.s3_object_key) for asset in assets]))
+        if self.data_asset is None:
             self._grant_data_prefix_read(role)
 
         run_prefix = f"runs/{self.params.run_name}/"
@@ -130,16 +171,26 @@ class TrainingStack(Stack):
             sid="RunPrefixList",
             actions=["s3:ListBucket"],
             resources=[self.bucket.bucket_arn]))
-        group_arn = self.format_arn(
-            service="autoscaling", resource="autoScalingGroup",
-            resource_name=f"*:autoScalingGroupName/{self.group_name}",
-            arn_format=ArnFormat.COLON_RESOURCE_NAME)
         role.add_to_policy(iam.PolicyStatement(
             sid="OwnGroupCapacity",
             actions=["autoscaling:SetDesiredCapacity",
                      "autoscaling:TerminateInstanceInAutoScalingGroup"],
-            resources=[group_arn]))
+            resources=[self.group_arn]))
+        role.add_to_policy(iam.PolicyStatement(
+            sid="RunLogGroupWrite",
+            actions=["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
+            # Log group actions are authorized against the group ARN, which AWS also
+            # writes with a ":*" suffix. That suffix covers the streams as well.
+            resources=[self._log_group_arn(), self._log_group_arn(":*")]))
+        role.add_to_policy(iam.PolicyStatement(
+            sid="RunTopicPublish", actions=["sns:Publish"],
+            resources=[self.topic.topic_arn]))
         return role
+
+    def _log_group_arn(self, suffix: str = "") -> str:
+        return self.format_arn(service="logs", resource="log-group",
+                               resource_name=self.log_group_name + suffix,
+                               arn_format=ArnFormat.COLON_RESOURCE_NAME)
 
     def _grant_data_prefix_read(self, role: iam.Role) -> None:
         bucket_name, _, prefix = self.params.data_source[len("s3://"):].partition("/")
@@ -205,16 +256,24 @@ class TrainingStack(Stack):
         )
         return template
 
-    def _auto_scaling_group(self, vpc: ec2.Vpc,
+    def _auto_scaling_group(self, vpc: ec2.IVpc,
                             launch_template: ec2.LaunchTemplate) -> autoscaling.AutoScalingGroup:
+        if self.params.vpc_id:
+            subnets = ec2.SubnetSelection(subnets=self.imported_subnets)
+        else:
+            subnets = ec2.SubnetSelection(subnet_type=ec2.SubnetType.PUBLIC)
         return autoscaling.AutoScalingGroup(
             self, "SpotGroup",
             auto_scaling_group_name=self.group_name,
             vpc=vpc,
-            vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PUBLIC),
+            vpc_subnets=subnets,
             min_capacity=0,
-            max_capacity=1,
-            desired_capacity=1,
+            max_capacity=self.params.nodes,
+            desired_capacity=self.params.nodes,
+            # A replacement launched on a rebalance recommendation waits for the run
+            # lease, so two instances never train the run at once.
+            capacity_rebalance=self.params.capacity_rebalance,
+            notifications=[autoscaling.NotificationConfiguration(topic=self.topic)],
             mixed_instances_policy=autoscaling.MixedInstancesPolicy(
                 launch_template=launch_template,
                 launch_template_overrides=[

@@ -80,6 +80,15 @@ INVALID_VALUES = [
     ("lease_ttl_seconds", 4000, "lease_ttl_seconds=4000.0"),
     ("max_runtime_hours", 0, "max_runtime_hours=0.0"),
     ("log_retention_days", 2, "log_retention_days=2"),
+    ("notification_email", "ml-team", 'notification_email="ml-team"'),
+    ("notification_email", "ml team@example.com", 'notification_email="ml team@example.com"'),
+    ("nodes", 0, "nodes=0"),
+    ("nodes", 2, "nodes=2"),
+    ("gpus_per_node", -1, "gpus_per_node=-1"),
+    ("vpc_id", "vpc-123", 'vpc_id="vpc-123"'),
+    ("vpc_id", "VPC-0123456789ABCDEF0", 'vpc_id="VPC-0123456789ABCDEF0"'),
+    ("vpc_id", "vpc-0123456789abcdef0", "subnet_ids=[]"),
+    ("subnet_ids", ["subnet-0123456789abcdef0"], 'vpc_id=""'),
 ]
 
 
@@ -111,6 +120,9 @@ def test_invalid_string_value_rejected(name: str, text: str, shown: str) -> None
 
 
 @pytest.mark.parametrize(("name", "value", "shown"), [
+    ("fis_drill", "yes", "fis_drill"),
+    ("nodes", 1.5, "nodes=1.5"),
+    ("subnet_ids", "[1]", "subnet_ids=[1]"),
     ("keep_bucket", "yes", "keep_bucket"),
     ("keep_bucket", 1, "keep_bucket=1"),
     ("root_volume_gb", "12.5", "root_volume_gb=12.5"),
@@ -125,6 +137,58 @@ def test_wrong_type_rejected(name: str, value: object, shown: str) -> None:
         from_context({name: value})
 
     assert shown in str(raised.value)
+
+
+# Each case: a whole context, the text the message must contain.
+NETWORK_CASES = [
+    ({"vpc_id": "vpc-0123456789abcdef0", "subnet_ids": ["subnet-12345"]},
+     'subnet_ids="subnet-12345"'),
+    ({"vpc_id": "vpc-0123456789abcdef0", "subnet_ids": ["sg-0123456789abcdef0"]},
+     'subnet_ids="sg-0123456789abcdef0"'),
+    ({"vpc_id": "vpc-0123456789abcdef0",
+      "subnet_ids": ["subnet-12345678", "subnet-12345678"]},
+     'subnet_ids=["subnet-12345678", "subnet-12345678"]'),
+]
+
+
+@pytest.mark.parametrize(("context", "shown"), NETWORK_CASES,
+                         ids=["short-subnet", "not-subnet", "duplicate-subnet"])
+def test_invalid_network_rejected(context: dict, shown: str) -> None:
+    with pytest.raises(ParameterError) as raised:
+        from_context(context)
+
+    message = str(raised.value)
+    assert shown in message
+    assert "\n" not in message
+
+
+def test_vpc_without_subnets_names_both() -> None:
+    with pytest.raises(ParameterError) as raised:
+        from_context({"vpc_id": "vpc-0123456789abcdef0"})
+
+    message = str(raised.value)
+    assert "vpc-0123456789abcdef0" in message
+    assert "give both or neither" in message
+
+
+def test_existing_network_accepted() -> None:
+    params = from_context({"vpc_id": "vpc-12345678",
+                           "subnet_ids": "subnet-12345678,subnet-0123456789abcdef0"})
+
+    assert params.vpc_id == "vpc-12345678"
+    assert params.subnet_ids == ("subnet-12345678", "subnet-0123456789abcdef0")
+
+
+def test_new_options_default_off() -> None:
+    params = RunParameters()
+
+    assert params.nodes == 1
+    assert params.gpus_per_node == 1
+    assert params.notification_email == ""
+    assert (params.vpc_id, params.subnet_ids) == ("", ())
+    assert params.on_demand_fallback is False
+    assert params.capacity_rebalance is False
+    assert params.fis_drill is False
 
 
 def test_unknown_parameter_rejected() -> None:
@@ -154,6 +218,12 @@ def test_unknown_parameter_rejected() -> None:
     ("run_name", "123", "123"),
     ("data_source", "s3://my-bucket/datasets/digits", "s3://my-bucket/datasets/digits"),
     ("ami", "ami-0123456789abcdef0", "ami-0123456789abcdef0"),
+    ("nodes", "1", 1),
+    ("gpus_per_node", "0", 0),
+    ("notification_email", "ml-team@example.com", "ml-team@example.com"),
+    ("on_demand_fallback", "true", True),
+    ("capacity_rebalance", "true", True),
+    ("fis_drill", "false", False),
 ])
 def test_command_line_string_parsed(name: str, text: str, expected: object) -> None:
     params = from_context({name: text})
@@ -192,7 +262,9 @@ def run_cdk_synth(output_dir: Path, *context: str) -> subprocess.CompletedProces
     ("checkpoint_every_steps=-5",
      "error: invalid stack parameter checkpoint_every_steps=-5: expected "),
     ("no_such_param=1", "error: unknown stack parameter 'no_such_param': valid names are "),
-], ids=["negative-checkpoint-steps", "unknown-name"])
+    ("vpc_id=vpc-0123456789abcdef0",
+     "error: invalid stack parameter subnet_ids=[]: expected the public subnets of vpc_id "),
+], ids=["negative-checkpoint-steps", "unknown-name", "vpc-without-subnets"])
 def test_cdk_synth_rejects_bad_parameter(tmp_path: Path, context: str,
                                          expected_line: str) -> None:
     result = run_cdk_synth(tmp_path / "cdk.out", context)

@@ -1,8 +1,9 @@
 """TrainingStack synthesized in-process and checked with aws_cdk.assertions.Template.
 
-Each test reads one property of the template. The stack is synthesized twice per module:
-once with the default parameters and once with a variant that changes every parameter
-the template depends on (AMI id, S3 data source, instance types, bucket removal, ...).
+Each test reads one property of the template. The stack is synthesized three times per
+module. The first uses the default parameters. The second changes every parameter of the
+instance side (AMI id, S3 data source, instance types, bucket removal, ...). The third
+turns on every option of the account side (existing VPC, nodes, fallback, FIS drill, ...).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import fnmatch
 import json
 import os
 from dataclasses import dataclass, fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -502,3 +504,317 @@ def test_user_data_s3_data_source_is_prefix(variant_run: Synthesized) -> None:
     assert variant_run.stack.node.try_find_child("TrainingData") is None
     assert config["data_prefix_uri"] == "s3://my-data-bucket/datasets/digits"
     assert config["data_zip_uri"] == ""
+
+
+# Options: existing VPC, several nodes, notifications, fallback, drill ---------------
+
+SYNTH_TIME = datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=timezone.utc)
+OPTIONS_PARAMETERS = RunParameters(
+    run_name="options-run",
+    max_runtime_hours=2.5,
+    notification_email="ml-team@example.com",
+    nodes=1,
+    gpus_per_node=8,
+    vpc_id="vpc-0123456789abcdef0",
+    subnet_ids=("subnet-0123456789abcdef0", "subnet-12345678"),
+    on_demand_fallback=True,
+    capacity_rebalance=True,
+    fis_drill=True,
+)
+
+
+@pytest.fixture(scope="module")
+def options_run() -> Synthesized:
+    app = cdk.App()
+    stack = TrainingStack(app, "Spotrun-options-run", params=OPTIONS_PARAMETERS,
+                          now=SYNTH_TIME)
+    template = Template.from_stack(stack)
+    return Synthesized(params=OPTIONS_PARAMETERS, stack=stack, template=template,
+                       resources=template.to_json()["Resources"])
+
+
+@pytest.fixture(params=["default_run", "variant_run", "options_run"])
+def any_run(request: pytest.FixtureRequest) -> Synthesized:
+    """Each of the three synthesized stacks in turn."""
+    return request.getfixturevalue(request.param)
+
+
+def group_properties(run: Synthesized) -> dict:
+    return run.only("AWS::AutoScaling::AutoScalingGroup")["Properties"]
+
+
+def role_statements(run: Synthesized, role_id: str) -> list[dict]:
+    """Return the statements of every AWS::IAM::Policy attached to one role."""
+    statements = []
+    for resource in run.resources.values():
+        if (resource["Type"] == "AWS::IAM::Policy"
+                and {"Ref": role_id} in resource["Properties"]["Roles"]):
+            statements += resource["Properties"]["PolicyDocument"]["Statement"]
+    return statements
+
+
+def role_ids_trusting(run: Synthesized, service: str) -> list[str]:
+    found = []
+    for logical_id, resource in run.resources.items():
+        if resource["Type"] != "AWS::IAM::Role":
+            continue
+        trust = resource["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+        if any(statement["Principal"].get("Service") == service for statement in trust):
+            found.append(logical_id)
+    return found
+
+
+def rule_with_detail_type(run: Synthesized, detail_type: str) -> dict:
+    rules = [resource["Properties"] for resource in run.resources.values()
+             if resource["Type"] == "AWS::Events::Rule"
+             and detail_type in resource["Properties"]["EventPattern"]["detail-type"]]
+    assert len(rules) == 1, f"expected one rule for {detail_type}, found {len(rules)}"
+    return rules[0]
+
+
+def test_group_size_is_nodes(any_run: Synthesized) -> None:
+    group = group_properties(any_run)
+
+    assert group["MinSize"] == "0"
+    assert group["MaxSize"] == str(any_run.params.nodes)
+    assert group["DesiredCapacity"] == str(any_run.params.nodes)
+
+
+def test_group_capacity_rebalance_follows_parameter(any_run: Synthesized) -> None:
+    group = group_properties(any_run)
+
+    assert group.get("CapacityRebalance", False) is any_run.params.capacity_rebalance
+
+
+def test_group_spot_only_distribution(any_run: Synthesized) -> None:
+    distribution = group_properties(any_run)["MixedInstancesPolicy"]["InstancesDistribution"]
+
+    # The On-Demand fallback changes the distribution at run time, never in the template.
+    assert distribution["OnDemandBaseCapacity"] == 0
+    assert distribution["OnDemandPercentageAboveBaseCapacity"] == 0
+    assert distribution["SpotAllocationStrategy"] == "price-capacity-optimized"
+
+
+def test_group_notifies_run_topic(any_run: Synthesized) -> None:
+    topic_id = any_run.logical_id(any_run.stack.topic)
+    notifications = group_properties(any_run)["NotificationConfigurations"]
+
+    assert len(notifications) == 1
+    assert notifications[0]["TopicARN"] == {"Ref": topic_id}
+    assert "autoscaling:EC2_INSTANCE_LAUNCH_ERROR" in notifications[0]["NotificationTypes"]
+
+
+def test_existing_vpc_used_without_lookup(options_run: Synthesized) -> None:
+    options_run.template.resource_count_is("AWS::EC2::VPC", 0)
+    options_run.template.resource_count_is("AWS::EC2::Subnet", 0)
+    options_run.template.resource_count_is("AWS::EC2::VPCEndpoint", 0)
+    group = group_properties(options_run)
+    security_group = options_run.only("AWS::EC2::SecurityGroup")["Properties"]
+
+    assert group["VPCZoneIdentifier"] == list(OPTIONS_PARAMETERS.subnet_ids)
+    assert security_group["VpcId"] == OPTIONS_PARAMETERS.vpc_id
+
+
+def test_role_writes_only_run_log_group(any_run: Synthesized) -> None:
+    name = f"/spotrun/{any_run.params.run_name}"
+    prefix = "arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:log-group:"
+
+    statements = [statement for statement in instance_role_statements(any_run)
+                  if any(action.startswith("logs:") for action in as_list(statement["Action"]))]
+    assert len(statements) == 1
+    assert sorted(as_list(statements[0]["Action"])) == [
+        "logs:CreateLogStream", "logs:DescribeLogStreams", "logs:PutLogEvents"]
+    resources = sorted(render(resource) for resource in as_list(statements[0]["Resource"]))
+    assert resources == [prefix + name, prefix + name + ":*"]
+
+
+def test_role_publishes_only_run_topic(any_run: Synthesized) -> None:
+    topic_id = any_run.logical_id(any_run.stack.topic)
+
+    statements = [statement for statement in instance_role_statements(any_run)
+                  if any(action.startswith("sns:") for action in as_list(statement["Action"]))]
+    assert len(statements) == 1
+    assert as_list(statements[0]["Action"]) == ["sns:Publish"]
+    assert as_list(statements[0]["Resource"]) == [{"Ref": topic_id}]
+
+
+def test_role_reads_only_asset_objects(any_run: Synthesized) -> None:
+    stack = any_run.stack
+    assets = [stack.code_asset] + ([stack.data_asset] if stack.data_asset else [])
+    expected = sorted(any_run.resolve(asset.bucket.arn_for_objects(asset.s3_object_key))
+                      for asset in assets)
+
+    statements = [statement for statement in instance_role_statements(any_run)
+                  if statement.get("Sid") == "AssetRead"]
+    assert len(statements) == 1
+    assert as_list(statements[0]["Action"]) == ["s3:GetObject"]
+    resources = sorted(render(resource) for resource in as_list(statements[0]["Resource"]))
+    assert resources == expected
+    assert all(not resource.endswith("/*") for resource in resources)
+
+
+def test_no_wildcard_action_on_any_resource(any_run: Synthesized) -> None:
+    statements = []
+    for resource in any_run.resources.values():
+        if resource["Type"] == "AWS::IAM::Policy":
+            statements += resource["Properties"]["PolicyDocument"]["Statement"]
+        for policy in resource["Properties"].get("Policies", []) if resource["Type"] == \
+                "AWS::IAM::Role" else []:
+            statements += policy["PolicyDocument"]["Statement"]
+    assert statements
+    for statement in statements:
+        if statement["Effect"] != "Allow":
+            continue
+        for action in as_list(statement["Action"]):
+            assert "*" not in action, f"wildcard action in {statement}"
+
+
+def test_spot_warnings_forwarded_to_topic(any_run: Synthesized) -> None:
+    rule = rule_with_detail_type(any_run, "EC2 Spot Instance Interruption Warning")
+    topic_id = any_run.logical_id(any_run.stack.topic)
+
+    assert rule["EventPattern"] == {
+        "source": ["aws.ec2"],
+        "detail-type": ["EC2 Spot Instance Interruption Warning",
+                        "EC2 Instance Rebalance Recommendation"]}
+    assert [target["Arn"] for target in rule["Targets"]] == [{"Ref": topic_id}]
+    template = rule["Targets"][0]["InputTransformer"]["InputTemplate"]
+    assert f"spotrun run {any_run.params.run_name}" in template
+    assert "<detail-instance-id>" in template
+
+
+def test_topic_policy_lets_eventbridge_publish(default_run: Synthesized) -> None:
+    topic_id = default_run.logical_id(default_run.stack.topic)
+    policy = default_run.only("AWS::SNS::TopicPolicy")["Properties"]
+
+    allowed = [statement for statement in policy["PolicyDocument"]["Statement"]
+               if statement["Effect"] == "Allow"
+               and statement["Principal"] == {"Service": "events.amazonaws.com"}]
+    assert len(allowed) == 1
+    assert allowed[0]["Action"] == "sns:Publish"
+    assert allowed[0]["Resource"] == {"Ref": topic_id}
+
+
+def test_launch_failures_filtered_to_group(any_run: Synthesized) -> None:
+    rule = rule_with_detail_type(any_run, "EC2 Instance Launch Unsuccessful")
+
+    assert rule["EventPattern"]["source"] == ["aws.autoscaling"]
+    assert rule["EventPattern"]["detail"] == {
+        "AutoScalingGroupName": [f"spotrun-{any_run.params.run_name}"]}
+    expected_targets = 2 if any_run.params.on_demand_fallback else 1
+    assert len(rule["Targets"]) == expected_targets
+
+
+def test_fallback_absent_by_default(default_run: Synthesized) -> None:
+    default_run.template.resource_count_is("AWS::SSM::Document", 0)
+    assert role_ids_trusting(default_run, "ssm.amazonaws.com") == []
+
+
+def test_fallback_sets_group_on_demand(options_run: Synthesized) -> None:
+    document = options_run.only("AWS::SSM::Document")["Properties"]
+    step = document["Content"]["mainSteps"][0]
+
+    assert document["DocumentType"] == "Automation"
+    assert step["action"] == "aws:executeAwsApi"
+    assert step["inputs"]["Api"] == "UpdateAutoScalingGroup"
+    assert step["inputs"]["AutoScalingGroupName"] == "spotrun-options-run"
+    assert step["inputs"]["MixedInstancesPolicy"] == {"InstancesDistribution": {
+        "OnDemandBaseCapacity": 0, "OnDemandPercentageAboveBaseCapacity": 100}}
+
+
+def test_fallback_role_updates_only_group(options_run: Synthesized) -> None:
+    (role_id,) = role_ids_trusting(options_run, "ssm.amazonaws.com")
+    group_arn = ("arn:${AWS::Partition}:autoscaling:${AWS::Region}:${AWS::AccountId}:"
+                 "autoScalingGroup:*:autoScalingGroupName/spotrun-options-run")
+
+    statements = role_statements(options_run, role_id)
+    updates = [statement for statement in statements
+               if "autoscaling:UpdateAutoScalingGroup" in as_list(statement["Action"])]
+    assert len(updates) == 1
+    assert [render(resource) for resource in as_list(updates[0]["Resource"])] == [group_arn]
+    passes = [statement for statement in statements
+              if "iam:PassRole" in as_list(statement["Action"])]
+    assert len(passes) == 1
+    assert passes[0]["Condition"] == {
+        "StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
+
+
+def test_max_runtime_schedule_at_deadline(options_run: Synthesized) -> None:
+    schedule = options_run.only("AWS::Scheduler::Schedule")["Properties"]
+
+    # 2030-01-02 03:04:05 plus 2.5 h of max_runtime_hours plus the 1 h margin.
+    assert schedule["ScheduleExpression"] == "at(2030-01-02T06:34:05)"
+    assert schedule["ScheduleExpressionTimezone"] in ("UTC", "Etc/UTC")
+    assert schedule["FlexibleTimeWindow"] == {"Mode": "OFF"}
+    assert schedule.get("State", "ENABLED") == "ENABLED"
+
+
+def test_max_runtime_schedule_sets_capacity_zero(any_run: Synthesized) -> None:
+    target = any_run.only("AWS::Scheduler::Schedule")["Properties"]["Target"]
+
+    assert render(target["Arn"]) == \
+        "arn:${AWS::Partition}:scheduler:::aws-sdk:autoscaling:setDesiredCapacity"
+    assert json.loads(target["Input"]) == {
+        "AutoScalingGroupName": f"spotrun-{any_run.params.run_name}", "DesiredCapacity": 0}
+
+
+def test_max_runtime_role_sets_only_group(any_run: Synthesized) -> None:
+    (role_id,) = role_ids_trusting(any_run, "scheduler.amazonaws.com")
+    target = any_run.only("AWS::Scheduler::Schedule")["Properties"]["Target"]
+    group_arn = ("arn:${AWS::Partition}:autoscaling:${AWS::Region}:${AWS::AccountId}:"
+                 f"autoScalingGroup:*:autoScalingGroupName/spotrun-{any_run.params.run_name}")
+
+    assert target["RoleArn"] == {"Fn::GetAtt": [role_id, "Arn"]}
+    statements = role_statements(any_run, role_id)
+    assert len(statements) == 1
+    assert as_list(statements[0]["Action"]) == ["autoscaling:SetDesiredCapacity"]
+    assert [render(resource) for resource in as_list(statements[0]["Resource"])] == [group_arn]
+
+
+def test_fis_drill_absent_by_default(default_run: Synthesized) -> None:
+    default_run.template.resource_count_is("AWS::FIS::ExperimentTemplate", 0)
+    assert "FisDrillTemplateId" not in default_run.template.to_json()["Outputs"]
+
+
+def test_fis_drill_targets_group_spot_instances(options_run: Synthesized) -> None:
+    experiment = options_run.only("AWS::FIS::ExperimentTemplate")["Properties"]
+    (action,) = experiment["Actions"].values()
+    (target_name, target), = experiment["Targets"].items()
+
+    assert action["ActionId"] == "aws:ec2:send-spot-instance-interruptions"
+    assert action["Targets"] == {"SpotInstances": target_name}
+    assert target["ResourceType"] == "aws:ec2:spot-instance"
+    assert target["ResourceTags"] == {"aws:autoscaling:groupName": "spotrun-options-run"}
+    assert target["Filters"] == [{"Path": "State.Name", "Values": ["running"]}]
+    assert experiment["StopConditions"] == [{"Source": "none"}]
+    assert experiment["Tags"]["spotrun:run"] == "options-run"
+    outputs = options_run.template.to_json()["Outputs"]
+    assert "FisDrillTemplateId" in outputs
+
+
+def test_fis_role_interrupts_only_group(options_run: Synthesized) -> None:
+    (role_id,) = role_ids_trusting(options_run, "fis.amazonaws.com")
+    experiment = options_run.only("AWS::FIS::ExperimentTemplate")["Properties"]
+
+    assert experiment["RoleArn"] == {"Fn::GetAtt": [role_id, "Arn"]}
+    statements = {statement["Sid"]: statement for statement in
+                  role_statements(options_run, role_id)}
+    interrupt = statements["InterruptOwnGroupInstances"]
+    assert interrupt["Action"] == "ec2:SendSpotInstanceInterruptions"
+    assert interrupt["Condition"] == {"StringEquals": {
+        "aws:ResourceTag/aws:autoscaling:groupName": "spotrun-options-run"}}
+    assert statements["FindTargetInstances"]["Action"] == "ec2:DescribeInstances"
+    assert set(statements) == {"InterruptOwnGroupInstances", "FindTargetInstances"}
+
+
+def test_email_subscription_only_when_set(any_run: Synthesized) -> None:
+    subscriptions = [resource["Properties"] for resource in any_run.resources.values()
+                     if resource["Type"] == "AWS::SNS::Subscription"]
+
+    if not any_run.params.notification_email:
+        assert subscriptions == []
+        return
+    assert len(subscriptions) == 1
+    assert subscriptions[0]["Protocol"] == "email"
+    assert subscriptions[0]["Endpoint"] == any_run.params.notification_email
+    assert subscriptions[0]["TopicArn"] == {"Ref": any_run.logical_id(any_run.stack.topic)}
