@@ -346,6 +346,8 @@ class Supervisor:
                                     step=self.progress.step)
             self.trainer.send(contract.SIGNAL_SAVE_AND_CONTINUE)
             return
+        # The poll may have taken seconds (slow IMDS): read the step the trainer is at now.
+        self.progress.read_new()
         step_at_notice = self.progress.step
         self.counters.interruptions += 1
         log.warning("spot %s notice for %s at step %s", notice.action,
@@ -356,14 +358,19 @@ class Supervisor:
         self.state = "interrupting"
         self._write_status(force=True)
         deadline = notice.time.timestamp() - NOTICE_SAFETY_MARGIN_S
-        self._save_and_stop_trainer(deadline)
+        if self._save_and_stop_trainer(deadline) == contract.EXIT_COMPLETED:
+            # Training ended before the trainer saw the request: finish the run now. If
+            # the instance is reclaimed first, the next one resumes and repeats the end.
+            log.warning("the trainer completed during the notice window; finishing the run")
+            self._finish_completed()
         self._end_interrupted(step_at_notice)
 
-    def _save_and_stop_trainer(self, deadline: float) -> None:
+    def _save_and_stop_trainer(self, deadline: float) -> int | None:
         """Ask the trainer to save and exit, then commit its checkpoint before deadline.
 
-        When the deadline passes first, the trainer is killed and the previous committed
-        checkpoint stays the latest: nothing partial is published.
+        Returns the trainer's exit code, or None when the deadline passed first: then the
+        trainer is killed and the previous committed checkpoint stays the latest, so
+        nothing partial is published.
         """
         self.trainer.send(contract.SIGNAL_SAVE_AND_EXIT)
         while self.trainer.poll() is None and time.time() < deadline:
@@ -373,9 +380,10 @@ class Supervisor:
         if self.trainer.poll() is None:
             log.error("trainer did not save before the notice deadline; killing it")
             self.trainer.kill()
-            return
+            return None
         self._upload_new_checkpoints()
         self._wait_for_uploads(timeout=max(0.0, deadline - time.time()))
+        return self.trainer.poll()
 
     def _end_interrupted(self, step_at_notice: int | None) -> None:
         last_step = self.progress.step if self.progress.step is not None else step_at_notice
@@ -512,7 +520,8 @@ class Supervisor:
     def _stop_for_max_runtime(self) -> None:
         log.warning("maximum run time of %.0f s reached; saving and stopping",
                     self.config.max_runtime_seconds)
-        self._save_and_stop_trainer(time.time() + 300)
+        if self._save_and_stop_trainer(time.time() + 300) == contract.EXIT_COMPLETED:
+            self._finish_completed()
         self._finish_stopped(f"maximum run time of {self.config.max_runtime_seconds:.0f} s "
                              f"reached (max_runtime_hours)")
 

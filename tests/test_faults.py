@@ -89,7 +89,9 @@ def test_baseline_completes_on_one_instance(baseline):
     ("imds-slow", {"duration_seconds": 3, "delay_seconds": 1.5}),
 ])
 def test_notice_during_imds_fault_is_honoured(cloud, tmp_path, baseline, kind, extra):
-    report = run(cloud, tmp_path,
+    # Slower steps keep the trainer busy until the notice gets through the fault.
+    slow_steps = ["{python}", "-m", "ml.digits", "--epochs", "3", "--step-delay", "0.05"]
+    report = run(cloud, tmp_path, params={"train_command": slow_steps},
                  faults=[{"kind": kind, "after_step": 40, **extra}],
                  interruptions=[{"after_step": 40, "notice_seconds": 12}])
     assert report["status"] == "completed", report["reason"]
