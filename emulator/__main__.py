@@ -96,11 +96,28 @@ class RunWatcher:
         for instance in self.control.instances.values():
             if instance.ended:
                 continue
-            step = instance.current_step()
-            if step is not None and (self.last_step is None or step >= self.last_step + 25
-                                     or step < self.last_step):
+            latest = instance.latest_progress()
+            if latest is None:
+                continue
+            step = int(latest["step"])
+            if self.last_step is None or step >= self.last_step + 25 or step < self.last_step:
                 self.last_step = step
-                self.console.say(f"training on {instance.instance_id}: step {step}")
+                self.console.say(f"training on {instance.instance_id}: "
+                                 f"{progress_bar(step, latest.get('total_steps'))} "
+                                 f"loss {_format_loss(latest.get('loss'))}")
+
+
+def progress_bar(step: int, total: object, width: int = 24) -> str:
+    """Return ``step N/T [#####-----] P%``, or ``step N`` when the total is unknown."""
+    if not isinstance(total, int) or total <= 0:
+        return f"step {step}"
+    filled = min(width, round(width * step / total))
+    return f"step {step}/{total} [{'#' * filled}{'-' * (width - filled)}] " \
+           f"{100 * step / total:3.0f}%"
+
+
+def _format_loss(loss: object) -> str:
+    return f"{loss:.4f}" if isinstance(loss, (int, float)) else "n/a"
 
 
 def run(scenario: Scenario, report_path: Path, work_dir: Path) -> int:
@@ -178,6 +195,8 @@ def run_on_cloud(cloud: LocalCloud, scenario: Scenario, work_dir: Path,
                           duration_s=time.monotonic() - started,
                           scenario_description=scenario.description)
     report["html_report"] = str(html_report)
+    report["run_name"] = params.run_name
+    report["bucket"] = outputs["BucketName"]
     return report
 
 

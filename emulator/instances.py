@@ -72,6 +72,11 @@ class EmulatedInstance:
 
     def current_step(self) -> int | None:
         """Return the newest step the trainer reported (read from the guest's disk)."""
+        latest = self.latest_progress()
+        return int(latest["step"]) if latest else None
+
+    def latest_progress(self) -> dict | None:
+        """Return the newest complete progress line of the trainer, or None."""
         try:
             with open(self.progress_path, "rb") as handle:
                 handle.seek(0, os.SEEK_END)
@@ -82,7 +87,9 @@ class EmulatedInstance:
             return None
         for line in reversed(lines):
             try:
-                return int(json.loads(line)["step"])
+                record = json.loads(line)
+                int(record["step"])
+                return record
             except (ValueError, KeyError, TypeError):
                 continue
         return None

@@ -15,8 +15,8 @@ It follows these rules:
 * On ``SIGNAL_SAVE_AND_CONTINUE`` (SIGUSR1) it commits a checkpoint at the next step
   boundary and goes on training.
 * It appends one JSON object per line to ``PROGRESS_FILE`` (at least ``step`` and
-  ``time``; ``epoch``, ``loss`` and ``lr`` when known). The bootstrap reads it as the
-  heartbeat and forwards it to the run status.
+  ``time``; ``epoch``, ``loss``, ``lr`` and ``total_steps`` when known). The bootstrap
+  reads it as the heartbeat and forwards it to the run status.
 * When training is complete it writes the final model and ``metrics.json`` into
   ``OUTPUT_DIR`` and exits with ``EXIT_COMPLETED``. Any other exit code is a crash.
 """

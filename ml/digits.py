@@ -445,7 +445,8 @@ def train(args: argparse.Namespace, env: Environment, signals: Any) -> int:
                 scheduler.step()
                 epoch += 1
                 position = 0
-            progress.write(step, epoch=step_epoch, loss=last_loss, lr=learning_rate)
+            progress.write(step, epoch=step_epoch, loss=last_loss, lr=learning_rate,
+                           total_steps=steps_per_epoch * args.epochs)
             if env.checkpoint_every and step % env.checkpoint_every == 0:
                 save()
             if args.step_delay:

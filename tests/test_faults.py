@@ -9,13 +9,18 @@ the stack. Every path must end with the group at zero and no instance running.
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from emulator.__main__ import Console, run_on_cloud, start_cloud
 from emulator.cloud import LocalCloud
 from emulator.scenario import parse_scenario
+from ml.checkpoint import state_dict_sha256
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHORT_TRAINING = {"train_command": ["{python}", "-m", "ml.digits", "--epochs", "3"],
@@ -77,6 +82,44 @@ def test_baseline_completes_on_one_instance(baseline):
     assert baseline["final_step"] == FINAL_STEP
     assert baseline["ending"] == "completed"
     assert_nothing_left(baseline)
+
+
+def spotrun_cli(cloud: LocalCloud, *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spotrun_cli", *arguments],
+                          cwd=PROJECT_ROOT, env=cloud.admin_env(), capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_status_matches_finished_run(cloud, baseline):
+    result = spotrun_cli(cloud, "status", baseline["run_name"], "--bucket",
+                         baseline["bucket"], "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["state"] == "completed"
+    assert status["done"] is True
+    assert status["final_step"] == baseline["final_step"]
+    assert status["final_loss"] == baseline["final_loss"]
+    assert status["instances_launched"] == baseline["instances_launched"]
+    assert status["interruptions"] == len(baseline["interruptions"])
+
+
+def test_cli_report_and_download_of_finished_run(cloud, baseline, tmp_path):
+    report = spotrun_cli(cloud, "report", baseline["run_name"], "--bucket",
+                         baseline["bucket"], "--out", str(tmp_path / "report"),
+                         "--link-images")
+    assert report.returncode == 0, report.stderr
+    loss_png = tmp_path / "report" / "loss.png"
+    assert loss_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert loss_png.stat().st_size > 10_000
+    assert "loss.png" in (tmp_path / "report" / "index.html").read_text()
+
+    download = spotrun_cli(cloud, "download", baseline["run_name"], "--bucket",
+                           baseline["bucket"], "--out", str(tmp_path / "output"))
+    assert download.returncode == 0, download.stderr
+    metrics = json.loads((tmp_path / "output" / "metrics.json").read_text())
+    assert metrics["final_weights_sha256"] == baseline["final_weights_sha256"]
+    state = torch.load(tmp_path / "output" / "model.pt", map_location="cpu", weights_only=True)
+    assert state_dict_sha256(state) == baseline["final_weights_sha256"]
 
 
 @pytest.mark.parametrize("kind, extra", [
