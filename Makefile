@@ -5,12 +5,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
+# checkov pins boto3 and networkx versions that conflict with ours: it gets its own venv.
+CHECKOV_STAMP := .venv-checkov/.installed
 export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
 export CDK_DISABLE_VERSION_CHECK := 1
 
 .PHONY: setup demo test bench synth clean
 
-setup: $(PY_STAMP) $(NODE_STAMP)
+setup: $(PY_STAMP) $(NODE_STAMP) $(CHECKOV_STAMP)
+
+$(CHECKOV_STAMP): requirements-checkov.txt
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/python -m pip install --quiet --disable-pip-version-check \
+		-r requirements-checkov.txt
+	touch $@
 
 $(PY_STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,4 +46,5 @@ synth: setup
 	npx cdk synth --quiet
 
 clean:
-	rm -rf $(VENV) node_modules cdk.out .pytest_cache demo-report.json
+	rm -rf $(VENV) .venv-checkov node_modules cdk.out .pytest_cache demo-report.json \
+		.spotrun

@@ -124,3 +124,33 @@ def _scheduler_role(stack: "TrainingStack") -> IConstruct:
 def _regex_literal(text: str) -> str:
     """Return a cdk-nag applies_to regex (/.../) that matches text exactly."""
     return f"/^{re.escape(text)}$/"
+
+
+# checkov findings accepted for the stack, recorded in the template itself (checkov reads
+# Metadata.checkov.skip of a CloudFormation resource), each with its reason.
+CHECKOV_SKIPS = {
+    "bucket": [
+        ("CKV_AWS_18", "Server access logs would need a second bucket that outlives every "
+                       "run; CloudTrail S3 data events are the account-wide audit."),
+        ("CKV_AWS_21", "Checkpoints are immutable step folders committed by manifest; "
+                       "versioning would keep every status and lease rewrite (one every "
+                       "few seconds) and bill for them."),
+    ],
+    "log_group": [
+        ("CKV_AWS_158", "CloudWatch Logs encrypts log groups at rest with service-managed "
+                        "keys; a customer key would add cost and a key policy per run for "
+                        "training logs that hold no secrets."),
+    ],
+    "topic": [
+        ("CKV_AWS_26", "The topic carries run status messages only; a customer key would "
+                       "need a key policy for EventBridge and Auto Scaling to publish."),
+    ],
+}
+
+
+def add_checkov_skips(stack: "TrainingStack") -> None:
+    """Attach the accepted checkov findings to the bucket, log group and topic."""
+    for attribute, skips in CHECKOV_SKIPS.items():
+        resource = getattr(stack, attribute).node.default_child
+        resource.add_metadata("checkov", {"skip": [{"id": check_id, "comment": reason}
+                                                   for check_id, reason in skips]})

@@ -25,7 +25,7 @@ from constructs import Construct
 
 from bootstrap.config import RunConfig
 from stacks.config import RunParameters
-from stacks.nag import add_nag_suppressions
+from stacks.nag import add_checkov_skips, add_nag_suppressions
 from stacks.run_controls import RunControls
 from stacks.user_data import render_user_data
 
@@ -87,6 +87,7 @@ class TrainingStack(Stack):
             CfnOutput(self, "FisDrillTemplateId", value=self.controls.fis_template.attr_id,
                       description="aws fis start-experiment --experiment-template-id <id>")
         add_nag_suppressions(self)
+        add_checkov_skips(self)
 
     # Storage ----------------------------------------------------------------------
 

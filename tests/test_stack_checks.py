@@ -1,10 +1,10 @@
-"""Static checks of the synthesized stack: cdk-nag AwsSolutions and cfn-lint.
+"""Static checks of the synthesized stack: cdk-nag AwsSolutions, cfn-lint and checkov.
 
 The app is built as app.py builds it (the AwsSolutions checks applied) for three
 parameter sets: the defaults, an S3 data source with a fixed AMI and no kept bucket, and
-every account-side option on. checkov is not part of these checks: checkov 3.3.30 pins
-boto3 1.35.49 and networkx < 2.7, which conflict with the pinned boto3 and with the
-networkx that cfn-lint uses.
+every account-side option on. checkov 3.3.30 pins boto3 1.35.49 and networkx < 2.7,
+which conflict with the project's pins, so `make setup` installs it into a virtual
+environment of its own, .venv-checkov.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ MIN_REASON_CHARS = 60
 CFN_LINT_TIMEOUT_S = 300
 # cfn-lint is installed into the same environment as the Python running the tests.
 CFN_LINT = Path(sys.executable).parent / "cfn-lint"
+CHECKOV = Path(__file__).resolve().parent.parent / ".venv-checkov" / "bin" / "checkov"
 
 
 @dataclass(frozen=True)
@@ -128,3 +129,27 @@ def test_cfn_lint_reports_no_error(checked: CheckedApp) -> None:
     assert errors == [], "\n".join(errors)
     # cfn-lint exits 2 on errors, 4 on warnings and 8 on informational findings.
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_checkov_has_no_failed_check(checked: CheckedApp) -> None:
+    if not CHECKOV.exists():
+        pytest.fail(f"checkov is not installed at {CHECKOV}; run `make setup`")
+    # --skip-download and BC_SKIP_MAPPING keep checkov from calling its vendor's API.
+    result = subprocess.run(
+        [str(CHECKOV), "-f", str(checked.template_path), "--framework", "cloudformation",
+         "--output", "json", "--quiet", "--skip-download"],
+        capture_output=True, text=True, timeout=CFN_LINT_TIMEOUT_S,
+        env={**os.environ, "BC_SKIP_MAPPING": "TRUE"})
+    report = json.loads(result.stdout) if result.stdout.strip() else {}
+    failed = [f"{check['check_id']} {check['resource']}"
+              for check in report.get("results", {}).get("failed_checks", [])]
+    assert failed == [], failed
+
+
+def test_checkov_skips_have_reasons(checked: CheckedApp) -> None:
+    skips = [(logical_id, skip)
+             for logical_id, resource in checked.template["Resources"].items()
+             for skip in resource.get("Metadata", {}).get("checkov", {}).get("skip", [])]
+    assert skips, "the bucket, log group and topic carry recorded checkov skips"
+    for logical_id, skip in skips:
+        assert len(skip.get("comment", "")) >= MIN_REASON_CHARS, (logical_id, skip)
