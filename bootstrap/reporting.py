@@ -143,3 +143,37 @@ def flush_handlers(handlers: list) -> None:
             handler.close()
         except (ClientError, BotoCoreError, OSError) as error:
             log.warning("could not flush logs to CloudWatch Logs: %s", error)
+
+
+# Events after which an instance no longer works for the run.
+INSTANCE_END_EVENTS = frozenset({"interruption_checkpoint", "completed", "failed",
+                                 "stopped", "bootstrap_crash"})
+
+
+def instance_hours(events: list[dict], now: float) -> float:
+    """Sum the hours from each instance's start event to its end event (or ``now``).
+
+    This counts supervisor time only: boot and user-data time before the supervisor
+    starts, and the seconds between the end event and power-off, are not included.
+    """
+    total_s = 0.0
+    ordered = sorted(events, key=lambda event: event["time"])
+    for index, event in enumerate(ordered):
+        if event["type"] != "instance_started":
+            continue
+        end = next((later["time"] for later in ordered[index + 1:]
+                    if later["instance_id"] == event["instance_id"]
+                    and later["type"] in INSTANCE_END_EVENTS), now)
+        total_s += max(0.0, end - event["time"])
+    return total_s / 3600.0
+
+
+def latest_spot_price(ec2_client, instance_type: str, availability_zone: str) -> float | None:
+    """Return the newest Linux spot price of a type in a zone, in USD per hour."""
+    history = ec2_client.describe_spot_price_history(
+        InstanceTypes=[instance_type], AvailabilityZone=availability_zone,
+        ProductDescriptions=["Linux/UNIX"], MaxResults=20)["SpotPriceHistory"]
+    if not history:
+        return None
+    newest = max(history, key=lambda entry: entry["Timestamp"])
+    return float(newest["SpotPrice"])

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from bootstrap import aws
 from bootstrap.config import RunConfig
 from bootstrap.imds import (
@@ -29,6 +31,8 @@ from bootstrap.reporting import (
     RunContextFilter,
     TrainerLogForwarder,
     flush_handlers,
+    instance_hours,
+    latest_spot_price,
     start_cloudwatch_logs,
 )
 from bootstrap.store import Lease, LeaseLostError, RunStore, fetch_data
@@ -83,6 +87,7 @@ class Supervisor:
         self.store = RunStore(self.s3, config.bucket, config.run_id)
         self.notices = NoticeWatcher(imds)
         self.logs_client = aws.client(session, "logs")
+        self.ec2 = aws.client(session, "ec2")
         self.notifier = Notifier(aws.client(session, "sns"), config.topic_arn, config.run_id)
 
         self.checkpoint_dir = work_dir / "checkpoints"
@@ -544,10 +549,26 @@ class Supervisor:
             f"{latest.get('loss')}.",
             f"Instances: {self.counters.instances_launched}, interruptions: "
             f"{self.counters.interruptions}, crashes: {self.counters.crashes}.",
-            f"Hours since the run started: {(time.time() - self.counters.started_at) / 3600:.2f}"
-            f" (cost: `python -m spotrun_cli status {self.config.run_id}`).",
+            self._cost_line(),
             f"Model and metrics: s3://{self.config.bucket}/{self.config.run_prefix}output/"])
         raise RunEnded(EXIT_OK)
+
+    def _cost_line(self) -> str:
+        """Estimate the run's instance cost at this instance's current spot price."""
+        try:
+            hours = instance_hours(self.store.list_events(), time.time())
+            price = latest_spot_price(self.ec2, self.identity.instance_type,
+                                      self.identity.availability_zone)
+        except (ClientError, BotoCoreError) as error:
+            log.warning("could not estimate the run's cost: %s", error)
+            return f"Cost: not estimated ({error})."
+        if price is None:
+            return f"Instance hours: {hours:.2f}; no spot price found for " \
+                   f"{self.identity.instance_type} in {self.identity.availability_zone}."
+        return (f"Estimated instance cost: ${hours * price:.2f} ({hours:.2f} instance-hours "
+                f"at the latest spot price of {self.identity.instance_type} in "
+                f"{self.identity.availability_zone}, ${price:.4f}/h; "
+                f"`python -m spotrun_cli status {self.config.run_id}` for the breakdown).")
 
     def _finish_failed(self, ending: str, reason: str,
                        log_tail: list[str] | None = None) -> None:

@@ -84,6 +84,10 @@ def add_nag_suppressions(stack: "TrainingStack") -> None:
                   "the version suffix is the only wildcard, the document is this stack's.",
                   ["Resource::arn:<AWS::Partition>:ssm:<AWS::Region>:<AWS::AccountId>:"
                    f"automation-definition/<{stack.get_logical_id(controls.fallback_document)}>:*"])
+    _suppress(stack.role, "AwsSolutions-IAM5",
+              "ec2:DescribeSpotPriceHistory supports no resource-level permissions; the "
+              "supervisor reads the spot price for the cost in its completion message.",
+              ["Resource::*"])
     fis_role = controls.node.try_find_child("FisDrillRole")
     if fis_role is not None:
         _suppress(fis_role, "AwsSolutions-IAM5",

@@ -186,6 +186,10 @@ class TrainingStack(Stack):
         role.add_to_policy(iam.PolicyStatement(
             sid="RunTopicPublish", actions=["sns:Publish"],
             resources=[self.topic.topic_arn]))
+        role.add_to_policy(iam.PolicyStatement(
+            sid="SpotPriceRead", actions=["ec2:DescribeSpotPriceHistory"],
+            # This read-only action supports no resource-level permissions.
+            resources=["*"]))
         return role
 
     def _log_group_arn(self, suffix: str = "") -> str:
