@@ -11,9 +11,10 @@ from __future__ import annotations
 CONFIG_DELIMITER = "SPOTRUN_RUN_CONFIG"
 
 _TEMPLATE = """#!/bin/bash
-# spotrun instance start-up. Whatever happens, the last line powers the instance off,
-# and the launch template turns an instance-initiated shutdown into a termination.
+# spotrun instance start-up. However the script ends, its EXIT trap powers the instance
+# off, and the launch template turns an instance-initiated shutdown into a termination.
 set -uo pipefail
+trap '${{SPOTRUN_SHUTDOWN_COMMAND:-shutdown -h now}}' EXIT
 export SPOTRUN_ROOT="${{SPOTRUN_ROOT:-/opt/spotrun}}"
 export SPOTRUN_PYTHON="${{SPOTRUN_PYTHON:-{python}}}"
 mkdir -p "$SPOTRUN_ROOT"
@@ -65,7 +66,6 @@ if check_imds && fetch_code && rm -rf code && "$SPOTRUN_PYTHON" -m zipfile -e co
 else
   echo "spotrun: could not fetch or unpack the code bundle {code_uri}" >&2
 fi
-${{SPOTRUN_SHUTDOWN_COMMAND:-shutdown -h now}}
 """
 
 

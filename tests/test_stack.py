@@ -481,10 +481,11 @@ def test_user_data_downloads_code_bundle(run: Synthesized) -> None:
     assert "-m zipfile -e code.zip code" in script
 
 
-def test_user_data_ends_with_shutdown(run: Synthesized) -> None:
+def test_user_data_powers_off_on_exit(run: Synthesized) -> None:
     script = user_data(run)
+    lines = script.splitlines()
 
-    assert script.rstrip("\n").splitlines()[-1] == SHUTDOWN_LINE
+    assert f"trap '{SHUTDOWN_LINE}' EXIT" in lines[:6]
     assert script.count(SHUTDOWN_LINE) == 1
 
 
