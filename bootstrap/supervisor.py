@@ -132,6 +132,12 @@ class Supervisor:
             self._train()
         except RunEnded as ended:
             return ended.exit_code
+        except LeaseLostError as error:
+            # Another instance owns the run now: stop at once and write nothing more.
+            log.error("%s; stopping the trainer without further writes", error)
+            if self.trainer is not None:
+                self.trainer.kill()
+            return EXIT_LEASE_BUSY
         finally:
             self._uploader.shutdown(wait=False, cancel_futures=True)
             if self.trainer_logs is not None:

@@ -380,3 +380,28 @@ def test_torn_step_is_uploaded_again(harness, tmp_path):
     restored = harness.store.download_newest_checkpoint(tmp_path / "restore")
     assert restored is not None
     assert restored.step == 20
+
+
+def test_lost_lease_stops_without_writes(harness):
+    config = harness.config("--total-steps", "400", "--step-seconds", "0.05",
+                            lease_ttl_seconds=10.0)
+    emulator = harness.start_instance("i-0000000000000008a")
+    supervisor = harness.supervisor(emulator, config)
+    thread = SupervisorThread(supervisor)
+    thread.start()
+    wait_for(lambda: len(progress_steps(supervisor)) >= 5, 30, "the trainer to start")
+
+    # Another instance takes the lease over, as after a long network partition.
+    current = harness.read_json("lease.json")
+    harness.s3.put_object(
+        Bucket=harness.bucket, Key=harness.store.prefix + "lease.json",
+        Body=json.dumps({"instance_id": "i-0000000000000008b",
+                         "generation": current["generation"] + 1,
+                         "renewed_at": time.time()}).encode())
+    exit_code = thread.result()
+
+    assert exit_code == supervisor_module.EXIT_LEASE_BUSY
+    assert supervisor.trainer.poll() is not None, "the trainer must be stopped"
+    assert harness.read_json("lease.json")["instance_id"] == "i-0000000000000008b"
+    assert not harness.store.is_done()
+    assert harness.desired_capacity() == 1
