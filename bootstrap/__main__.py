@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
              identity.instance_type, identity.availability_zone, config.run_id)
 
     supervisor = Supervisor(config, imds, identity, work_dir, code_dir=Path.cwd())
+    # At power-off the operating system sends SIGTERM to every process.
+    signal.signal(signal.SIGTERM, lambda *_: supervisor.request_shutdown())
     try:
         return supervisor.run()
     except (ClientError, BotoCoreError, OSError) as error:

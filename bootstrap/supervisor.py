@@ -47,6 +47,9 @@ TICK_S = 0.2
 STATUS_EVERY_S = 5.0
 # Upload of the interruption checkpoint must finish this long before the notice time.
 NOTICE_SAFETY_MARGIN_S = 2.0
+# Time to save and commit a checkpoint when the operating system shuts down (SIGTERM).
+# systemd waits 90 s by default before it kills the remaining processes.
+SHUTDOWN_SAVE_S = 60.0
 # Exit codes of `python -m bootstrap`.
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1
@@ -116,6 +119,11 @@ class Supervisor:
         self._last_progress_at = time.monotonic()
         self._committed_at_trainer_start: int | None = None
         self.restarts_without_progress = 0
+        self._shutdown_requested = threading.Event()
+
+    def request_shutdown(self) -> None:
+        """Ask for a save and a clean end; called from the SIGTERM handler at power-off."""
+        self._shutdown_requested.set()
 
     # Entry point ---------------------------------------------------------------------
 
@@ -229,6 +237,16 @@ class Supervisor:
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def _check_notices_during_start(self, phase: str) -> None:
+        if self._shutdown_requested.is_set():
+            log.warning("the instance is shutting down while %s; ending cleanly", phase)
+            if self.lease is None:
+                raise RunEnded(EXIT_INTERRUPTED)
+            self.counters.interruptions += 1
+            self.store.append_event("interruption_notice", self.identity.instance_id,
+                                    action="shutdown", phase=phase,
+                                    step_at_notice=self.committed_step,
+                                    notice_time=time.time())
+            self._end_interrupted(self.committed_step)
         for notice in self._poll_notices():
             if isinstance(notice, SpotInstanceAction):
                 log.warning("spot %s notice while %s; ending this instance cleanly",
@@ -280,6 +298,8 @@ class Supervisor:
             time.sleep(TICK_S)
 
     def _tick(self) -> None:
+        if self._shutdown_requested.is_set():
+            self._on_shutdown()
         if self.progress.read_new():
             self._last_progress_at = time.monotonic()
         if self.trainer_logs is not None:
@@ -306,6 +326,9 @@ class Supervisor:
         self._on_trainer_exit(self.trainer.poll(), hung=True)
 
     def _on_trainer_exit(self, code: int, hung: bool = False) -> None:
+        if self._shutdown_requested.is_set():
+            # The trainer got the shutdown's SIGTERM too and may already have saved.
+            self._on_shutdown()
         self.progress.read_new()
         if code == contract.EXIT_COMPLETED and not hung:
             self._finish_completed()
@@ -375,6 +398,25 @@ class Supervisor:
             log.warning("the trainer completed during the notice window; finishing the run")
             self._finish_completed()
         self._end_interrupted(step_at_notice)
+
+    def _on_shutdown(self) -> None:
+        """Save, commit and release the lease when the operating system shuts down.
+
+        An instance can be terminated without a spot notice: by the group (capacity
+        changed, rebalancing), by the in-account maximum run time schedule or by hand.
+        The run goes on from this checkpoint on the next instance, if the group has one.
+        """
+        self.progress.read_new()
+        step = self.progress.step
+        log.warning("the instance is shutting down at step %s; saving a checkpoint", step)
+        self.counters.interruptions += 1
+        self.store.append_event("interruption_notice", self.identity.instance_id,
+                                action="shutdown", step_at_notice=step,
+                                notice_time=time.time() + SHUTDOWN_SAVE_S)
+        self.state = "interrupting"
+        if self._save_and_stop_trainer(time.time() + SHUTDOWN_SAVE_S) == contract.EXIT_COMPLETED:
+            self._finish_completed()
+        self._end_interrupted(step)
 
     def _save_and_stop_trainer(self, deadline: float) -> int | None:
         """Ask the trainer to save and exit, then commit its checkpoint before deadline.

@@ -30,7 +30,7 @@ log = logging.getLogger("spotrun.emulator")
 
 TICK_S = 0.25
 # Time an instance's processes get between the shutdown signal and the kill.
-SHUTDOWN_GRACE_S = 5.0
+SHUTDOWN_GRACE_S = 15.0
 
 
 def _read_proc(pid: str, name: str) -> bytes:

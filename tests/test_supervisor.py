@@ -405,3 +405,27 @@ def test_lost_lease_stops_without_writes(harness):
     assert harness.read_json("lease.json")["instance_id"] == "i-0000000000000008b"
     assert not harness.store.is_done()
     assert harness.desired_capacity() == 1
+
+
+def test_power_off_commits_checkpoint_and_releases_lease(harness):
+    config = harness.config("--total-steps", "400", "--step-seconds", "0.05")
+    emulator = harness.start_instance("i-0000000000000009a")
+    supervisor = harness.supervisor(emulator, config)
+    thread = SupervisorThread(supervisor)
+    thread.start()
+    wait_for(lambda: len(progress_steps(supervisor)) >= 15, 30, "the trainer to reach step 15")
+
+    supervisor.request_shutdown()  # what the SIGTERM handler of `python -m bootstrap` does
+    exit_code = thread.result()
+
+    assert exit_code == supervisor_module.EXIT_INTERRUPTED
+    notices = harness.events("interruption_notice")
+    assert [notice["action"] for notice in notices] == ["shutdown"]
+    saved = harness.events("interruption_checkpoint")
+    assert len(saved) == 1
+    assert saved[0]["steps_lost"] == 0
+    assert harness.store.latest_step() == saved[0]["checkpoint_step"]
+    assert saved[0]["checkpoint_step"] >= notices[0]["step_at_notice"]
+    assert not harness.has_key("lease.json")
+    assert harness.store.read_status()["state"] == "interrupted"
+    assert harness.desired_capacity() == 1
