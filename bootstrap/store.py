@@ -70,9 +70,9 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 def checkpoint_download_config() -> TransferConfig:
     """Return the transfer settings for checkpoint downloads.
 
-    boto3's default 8 MiB ranged GETs reached 68-77 MB/s against the local moto server,
-    64 MiB parts four at a time 287 MB/s (docs/benchmarks.md); resume time is mostly
-    this download.
+    Against the local moto server, boto3's default 8 MiB ranged GETs reached 68-77 MB/s
+    and 64 MiB parts four at a time 287 MB/s (docs/benchmarks.md). Resume time is
+    mostly this download.
     """
     return TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20,
                           max_concurrency=4)

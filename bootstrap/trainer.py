@@ -1,4 +1,4 @@
-"""The training process as the supervisor sees it: a child process and its progress file."""
+"""The supervisor's handle on the training process: a child process and its progress file."""
 
 from __future__ import annotations
 

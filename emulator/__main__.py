@@ -154,7 +154,7 @@ def run_on_cloud(cloud: LocalCloud, scenario: Scenario, work_dir: Path,
     stack_name = f"Spotrun-{params.run_name}"
     cloud.remove_cdk_output()
     # moto 5.2 leaves stack outputs empty after a change set, so the local cloud
-    # deploys with CreateStack; on AWS `cdk deploy` uses a change set as usual.
+    # deploys with CreateStack. On AWS `cdk deploy` uses a change set as usual.
     cloud.cdk(["deploy", stack_name, "--require-approval", "never", "--method", "direct"],
               context=scenario.context_overrides(), log_name=f"cdk-deploy-{params.run_name}")
     outputs = _stack_outputs(cloud, stack_name)

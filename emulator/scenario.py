@@ -20,13 +20,18 @@ runs, and the group replaces it. Interruptions are delivered in the order given.
 
     {"kind": "imds-server-error", "after_step": 60, "duration_seconds": 4}
 
-Kinds: the IMDS faults ``imds-unauthorized``, ``imds-token-expiry`` (no duration),
-``imds-token-hang``, ``imds-refused``, ``imds-server-error``, ``imds-throttle`` and
-``imds-slow`` (with ``delay_seconds``), each for ``duration_seconds``;
-``rebalance`` (a rebalance recommendation); ``trainer-crash`` (the trainer process is
-killed, as by the OOM killer); ``trainer-hang`` (the trainer process is stopped with
-SIGSTOP); ``supervisor-kill`` (the supervisor process is killed); ``duplicate-instance``
-(a second instance of the same launch template starts outside the group).
+Fault kinds:
+
+* IMDS faults for ``duration_seconds``: ``imds-unauthorized``, ``imds-token-hang``,
+  ``imds-refused``, ``imds-server-error``, ``imds-throttle`` and ``imds-slow`` (with
+  ``delay_seconds``). ``imds-token-expiry`` acts once and takes no duration.
+* ``rebalance``: a rebalance recommendation.
+* ``trainer-crash``: the trainer process is killed, as by the OOM killer.
+* ``trainer-hang``: the trainer process is stopped with SIGSTOP.
+* ``supervisor-kill``: the supervisor process is killed.
+* ``duplicate-instance``: a second instance of the same launch template starts outside
+  the group.
+
 ``"repeat": true`` makes ``trainer-crash`` and ``trainer-hang`` hit every trainer that
 reaches ``after_step`` again after a restart.
 

@@ -49,7 +49,7 @@ class RunParameters:
     """EC2 instance types the spot group may launch, most preferred first."""
 
     ami: str = "/aws/service/deeplearning/ami/x86_64/oss-nvidia-driver-gpu-pytorch-2.7-amazon-linux-2023/latest/ami-id"
-    """An AMI id (``ami-...``) or the name of a public SSM parameter that holds one
+    """An AMI id (``ami-...``) or the name of a public SSM parameter that contains one
     (resolved by EC2 at launch). The default is the AWS Deep Learning AMI with PyTorch."""
 
     python: str = "/opt/pytorch/bin/python3"

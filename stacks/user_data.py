@@ -24,8 +24,8 @@ cat > run-config.json <<'{delimiter}'
 {config_json}
 {delimiter}
 
-# IMDSv2 must answer a token request before anything else can work (the AWS CLI and
-# the supervisor get the role's credentials from it).
+# IMDSv2 must return a token before anything else can work, because the AWS CLI and
+# the supervisor get the role's credentials from it.
 check_imds() {{
   local endpoint="${{AWS_EC2_METADATA_SERVICE_ENDPOINT:-http://169.254.169.254/}}"
   for attempt in 1 2 3; do

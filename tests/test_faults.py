@@ -1,7 +1,7 @@
 """Failure paths through the local cloud: IMDS faults, crashes, hangs, lost supervisors,
 duplicate instances and the maximum run time.
 
-One moto server and one `cdk bootstrap` serve the whole module; each scenario deploys its
+One moto server and one `cdk bootstrap` serve the whole module. Each scenario deploys its
 own stack (its own run name), runs a short digits job (3 epochs, 135 steps) and destroys
 the stack. Every path must end with the group at zero and no instance running.
 """
