@@ -37,6 +37,14 @@ class RunConfig:
     lease_ttl_seconds: float = 60.0
     log_group: str = ""
     topic_arn: str = ""
+    # Instances per round (max) and the fewest a round starts with after the leader
+    # waited rendezvous_timeout_seconds for the rest.
+    nodes: int = 1
+    min_nodes: int = 1
+    # Training processes per instance; 0 starts one per visible GPU.
+    gpus_per_node: int = 1
+    rendezvous_timeout_seconds: float = 600.0
+    collective_timeout_seconds: float = 300.0
 
     @property
     def run_prefix(self) -> str:
@@ -64,4 +72,7 @@ class RunConfig:
             )
         if not config.train_command:
             raise ConfigError(f"run configuration {path} has an empty train_command")
+        if not 1 <= config.min_nodes <= config.nodes:
+            raise ConfigError(f"run configuration {path} has min_nodes {config.min_nodes}; "
+                              f"expected 1 to nodes ({config.nodes})")
         return config

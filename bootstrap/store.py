@@ -2,6 +2,9 @@
 
     s3://BUCKET/runs/RUN_ID/
       lease.json                      current owner; conditional writes (If-Match)
+      rendezvous.json                 multi-node: current round, endpoint, members
+      members/<instance>.json         multi-node: instances ready to train, heartbeat
+      failure.json                    multi-node: why a member failed the run
       status.json                     state, step, counts, timestamps, last event
       events/<ns>-<instance>-<type>.json   append-only lifecycle events
       checkpoints/step-NNNNNNNN/...   checkpoint files, manifest.json written last
@@ -203,6 +206,41 @@ class RunStore:
             log.warning("lease generation %d was already taken over; not released",
                         lease.generation)
 
+    # Multi-node rounds ---------------------------------------------------------------
+
+    def register_member(self, instance_id: str, address: str) -> None:
+        """Record that an instance without the lease is alive and ready to join a round."""
+        self._put_json(f"members/{instance_id}.json",
+                       {"instance_id": instance_id, "address": address,
+                        "updated_at": time.time()})
+
+    def remove_member(self, instance_id: str) -> None:
+        self.s3.delete_object(Bucket=self.bucket,
+                              Key=f"{self.prefix}members/{instance_id}.json")
+
+    def fresh_members(self, max_age_s: float) -> list[str]:
+        """Return the ids of instances that renewed their member record within max_age_s."""
+        now = time.time()
+        fresh = []
+        for key in self._list_keys("members/"):
+            document, _ = self._get_json(key[len(self.prefix):])
+            if document is not None and now - float(document.get("updated_at", 0)) < max_age_s:
+                fresh.append(str(document["instance_id"]))
+        return fresh
+
+    def record_failure(self, failure: dict) -> None:
+        """Record why a member failed the run; the leader ends the run with it."""
+        self._put_json("failure.json", {**failure, "time": time.time()})
+
+    def read_failure(self) -> dict | None:
+        return self._get_json("failure.json")[0]
+
+    def read_rendezvous(self) -> dict | None:
+        return self._get_json("rendezvous.json")[0]
+
+    def publish_rendezvous(self, document: dict) -> None:
+        self._put_json("rendezvous.json", document)
+
     # Checkpoints -------------------------------------------------------------------
 
     def upload_checkpoint(self, folder: Path, manifest: Manifest, lease: Lease) -> Lease:
@@ -283,6 +321,16 @@ class RunStore:
             # Remove the partial copy, so the trainer rewrites this step and the
             # supervisor uploads the new one in its place.
             shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+    def download_checkpoint(self, step: int, local_dir: Path) -> Manifest | None:
+        """Download one committed step and return its manifest, or None if it does not verify."""
+        folder = local_dir / step_folder_name(step)
+        if self._download_folder(step, folder):
+            manifest = read_verified_manifest(folder)
+            if manifest is not None:
+                return manifest
+        shutil.rmtree(folder, ignore_errors=True)
         return None
 
     def _download_folder(self, step: int, folder: Path) -> bool:

@@ -17,6 +17,14 @@ from pathlib import Path
 from botocore.exceptions import BotoCoreError, ClientError
 
 from bootstrap import aws
+from bootstrap.cluster import (
+    MEMBER_FRESH_S,
+    MEMBER_HEARTBEAT_S,
+    Round,
+    free_port,
+    torchrun_command,
+    uses_torchrun,
+)
 from bootstrap.config import RunConfig
 from bootstrap.imds import (
     ImdsClient,
@@ -55,6 +63,8 @@ EXIT_OK = 0
 EXIT_RUN_FAILED = 1
 EXIT_INTERRUPTED = 3
 EXIT_LEASE_BUSY = 4
+# Exit codes after which a multi-node round ends without counting a crash.
+ROUND_END_CODES = (contract.EXIT_SAVED, contract.EXIT_PEER_LOST)
 
 
 @dataclass
@@ -120,6 +130,16 @@ class Supervisor:
         self._committed_at_trainer_start: int | None = None
         self.restarts_without_progress = 0
         self._shutdown_requested = threading.Event()
+        self._trainer_hung = False
+        self._first_step_seen = False
+        # Multi-node state: the leader holds the lease and publishes rounds; members
+        # register and join the rounds that list them.
+        self.multi_node = config.nodes > 1
+        self.is_leader = True
+        self.round: Round | None = None
+        self._round_end_requested = False
+        self._last_member_check = 0.0
+        self._last_round_check = 0.0
 
     def request_shutdown(self) -> None:
         """Ask for a save and a clean end; called from the SIGTERM handler at power-off."""
@@ -137,7 +157,10 @@ class Supervisor:
         try:
             self._start()
             self._prepare()
-            self._train()
+            if self.multi_node:
+                self._run_rounds()
+            else:
+                self._train()
         except RunEnded as ended:
             return ended.exit_code
         except LeaseLostError as error:
@@ -163,7 +186,22 @@ class Supervisor:
                      self.config.run_id)
             self._set_capacity_zero()
             raise RunEnded(EXIT_OK)
-        self._acquire_lease()
+        if self.multi_node:
+            self.lease = self.store.try_acquire_lease(self.identity.instance_id,
+                                                      self.config.lease_ttl_seconds)
+            if self.lease is None:
+                self._become_member()
+                return
+            log.info("holding run lease generation %d: leading the run's rounds",
+                     self.lease.generation)
+        else:
+            self._acquire_lease()
+        self._begin_leadership()
+
+    def _begin_leadership(self) -> None:
+        """Load the run's counts from status.json and record this instance as the writer."""
+        self.is_leader = True
+        self._write_role()
         status = self.store.read_status() or {}
         self.counters = Counters(**{name: status[name] for name in vars(Counters())
                                     if name in status})
@@ -226,6 +264,10 @@ class Supervisor:
             self.resumed_from = manifest.step
             self.committed_step = manifest.step
             self._submitted_steps.add(manifest.step)
+        if self.multi_node:
+            # The leader reports the start and each resume when it publishes a round.
+            pass
+        elif manifest is not None:
             self.store.append_event("resumed", self.identity.instance_id,
                                     step=manifest.step, epoch=manifest.epoch)
             self.notifier.publish(f"resumed from step {manifest.step}",
@@ -240,6 +282,7 @@ class Supervisor:
         if self._shutdown_requested.is_set():
             log.warning("the instance is shutting down while %s; ending cleanly", phase)
             if self.lease is None:
+                self._leave_rounds()
                 raise RunEnded(EXIT_INTERRUPTED)
             self.counters.interruptions += 1
             self.store.append_event("interruption_notice", self.identity.instance_id,
@@ -252,6 +295,7 @@ class Supervisor:
                 log.warning("spot %s notice while %s; ending this instance cleanly",
                             notice.action, phase)
                 if self.lease is None:
+                    self._leave_rounds()
                     raise RunEnded(EXIT_INTERRUPTED)
                 self.counters.interruptions += 1
                 self.store.append_event("interruption_notice", self.identity.instance_id,
@@ -265,9 +309,15 @@ class Supervisor:
     def _trainer_env(self) -> dict[str, str]:
         env = dict(os.environ)
         resume = ""
-        newest = self._newest_local_checkpoint()
-        if newest is not None:
-            resume = str(newest[1])
+        if self.round is not None:
+            # Every instance of a round resumes from the step the leader published.
+            if self.round.resume_step is not None:
+                resume = str(self.checkpoint_dir / contract.step_folder_name(
+                    self.round.resume_step))
+        else:
+            newest = self._newest_local_checkpoint()
+            if newest is not None:
+                resume = str(newest[1])
         env.update({
             contract.ENV_RUN_ID: self.config.run_id,
             contract.ENV_CHECKPOINT_DIR: str(self.checkpoint_dir),
@@ -276,25 +326,41 @@ class Supervisor:
             contract.ENV_OUTPUT_DIR: str(self.output_dir),
             contract.ENV_PROGRESS_FILE: str(self.progress_path),
             contract.ENV_CHECKPOINT_EVERY: str(self.config.checkpoint_every_steps),
+            contract.ENV_COLLECTIVE_TIMEOUT: str(self.config.collective_timeout_seconds),
         })
         return env
 
+    def _training_command(self) -> list[str]:
+        if not uses_torchrun(self.config):
+            return self.config.train_command
+        return torchrun_command(self.config, round_=self.round, is_host=self.is_leader,
+                                local_addr=self.identity.private_ip)
+
     def _start_trainer(self) -> None:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self.trainer = TrainerProcess(self.config.train_command, env=self._trainer_env(),
+        self.trainer = TrainerProcess(self._training_command(), env=self._trainer_env(),
                                       cwd=self.code_dir,
-                                      log_path=self.work_dir / "trainer.log")
+                                      log_path=self.work_dir / "trainer.log",
+                                      signal_children=uses_torchrun(self.config))
         self.state = "training"
+        self._trainer_hung = False
+        self._first_step_seen = False
         self._last_progress_at = time.monotonic()
         self._committed_at_trainer_start = self.committed_step
 
     def _train(self) -> None:
         self._start_trainer()
         while True:
+            code = self._train_until_exit()
+            self._on_trainer_exit(code, hung=self._trainer_hung)
+
+    def _train_until_exit(self) -> int:
+        """Supervise the running trainer until it exits; return its exit code."""
+        while True:
             self._tick()
             code = self.trainer.poll()
             if code is not None:
-                self._on_trainer_exit(code)
+                return code
             time.sleep(TICK_S)
 
     def _tick(self) -> None:
@@ -302,6 +368,7 @@ class Supervisor:
             self._on_shutdown()
         if self.progress.read_new():
             self._last_progress_at = time.monotonic()
+            self._first_step_seen = True
         if self.trainer_logs is not None:
             self.trainer_logs.forward_new_lines()
         self._check_heartbeat()
@@ -312,18 +379,24 @@ class Supervisor:
             for notice in self._poll_notices():
                 self._on_notice(notice)
         self._write_status()
-        if self._runtime_exceeded():
+        if self.multi_node:
+            self._check_round_membership()
+        if self.is_leader and self._runtime_exceeded():
             self._stop_for_max_runtime()
 
     def _check_heartbeat(self) -> None:
         """Kill a trainer that reported no step for heartbeat_timeout_seconds."""
         silent_s = time.monotonic() - self._last_progress_at
-        if silent_s <= self.config.heartbeat_timeout_seconds or self.trainer.poll() is not None:
+        allowed_s = self.config.heartbeat_timeout_seconds
+        if uses_torchrun(self.config) and not self._first_step_seen:
+            # torchrun's rendezvous may wait up to its join timeout for the peers.
+            allowed_s += self.config.rendezvous_timeout_seconds
+        if silent_s <= allowed_s or self._trainer_hung or self.trainer.poll() is not None:
             return
         log.error("trainer reported no step for %.0f s (heartbeat_timeout_seconds is %.0f);"
                   " killing it as hung", silent_s, self.config.heartbeat_timeout_seconds)
+        self._trainer_hung = True
         self.trainer.kill()
-        self._on_trainer_exit(self.trainer.poll(), hung=True)
 
     def _on_trainer_exit(self, code: int, hung: bool = False) -> None:
         if self._shutdown_requested.is_set():
@@ -331,7 +404,12 @@ class Supervisor:
             self._on_shutdown()
         self.progress.read_new()
         if code == contract.EXIT_COMPLETED and not hung:
+            if not self.is_leader:
+                self._wait_for_leader_to_finish()
             self._finish_completed()
+        if self.multi_node and code in ROUND_END_CODES and not hung:
+            self._on_round_end(code)
+            return
         self.counters.crashes += 1
         tail = self.trainer.tail()
         cause = "hung" if hung else f"exit code {code}"
@@ -347,6 +425,17 @@ class Supervisor:
                                 committed_step=self.committed_step,
                                 restarts_without_progress=self.restarts_without_progress,
                                 log_tail=tail[-10:])
+        if self.multi_node and not self.is_leader:
+            # The leader counts rounds without progress; a member fails the run only
+            # when its own crash budget is spent.
+            if self.counters.crashes > self.config.max_crash_restarts:
+                self._finish_failed(
+                    "crash_budget_spent",
+                    f"trainer crashed {self.counters.crashes} times on member "
+                    f"{self.identity.instance_id} (last: {cause}); the budget "
+                    f"max_crash_restarts is {self.config.max_crash_restarts}",
+                    log_tail=tail)
+            return
         if self.counters.crashes > self.config.max_crash_restarts:
             self._finish_failed(
                 "crash_budget_spent",
@@ -360,8 +449,256 @@ class Supervisor:
                 f"progress (committed step stayed at {self.committed_step}; last: {cause}); "
                 f"max_restarts_without_progress is {self.config.max_restarts_without_progress}",
                 log_tail=tail)
+        if self.multi_node:
+            return
         log.info("restarting the trainer in place")
         self._start_trainer()
+
+    # Multi-node rounds -----------------------------------------------------------------
+
+    def _run_rounds(self) -> None:
+        """Train in rendezvous rounds until the run ends (see bootstrap/cluster.py)."""
+        while True:
+            if self.is_leader:
+                self._lead_round()
+            else:
+                self._follow_round()
+            code = self._train_until_exit()
+            self._on_trainer_exit(code, hung=self._trainer_hung)
+
+    def _write_role(self) -> None:
+        """Write this instance's role to the work folder, for people and tools on it."""
+        role = "leader" if self.is_leader else "member"
+        (self.work_dir / "role").write_text(role + "\n", encoding="utf-8")
+
+    def _become_member(self) -> None:
+        self.is_leader = False
+        self._write_role()
+        self.store.register_member(self.identity.instance_id, self.identity.private_ip)
+        self._last_member_check = time.monotonic()
+        self.store.append_event("instance_started", self.identity.instance_id,
+                                instance_type=self.identity.instance_type,
+                                availability_zone=self.identity.availability_zone,
+                                role="member")
+        log.info("the run lease is held by another instance: joining as a member")
+
+    def _round_status(self) -> dict:
+        if self.round is None:
+            return {}
+        return {"round": self.round.number, "nodes": self.round.node_count}
+
+    def _lead_round(self) -> None:
+        """Upload what is committed locally, wait for members, publish a round, start it."""
+        self._upload_new_checkpoints()
+        self._wait_for_uploads(timeout=None)
+        resume_step = self.committed_step
+        if resume_step is not None and not self._has_local_checkpoint(resume_step):
+            self._fetch_checkpoint(resume_step)
+        members = self._wait_for_members()
+        previous = self.store.read_rendezvous()
+        number = max(int(previous["round"]) if previous else 0,
+                     self.round.number if self.round else 0) + 1
+        port = free_port(self.identity.private_ip)
+        self.round = Round(number=number, endpoint=f"{self.identity.private_ip}:{port}",
+                           leader=self.identity.instance_id, members=tuple(members),
+                           resume_step=resume_step)
+        self.store.publish_rendezvous({**self.round.to_dict(), "published_at": time.time(),
+                                       "lease_generation": self.lease.generation})
+        self.store.append_event("round_started", self.identity.instance_id,
+                                round=number, members=members, resume_step=resume_step)
+        self._announce_round()
+        log.info("round %d: %d instance(s), resuming from step %s, rendezvous at %s",
+                 number, self.round.node_count, resume_step, self.round.endpoint)
+        self._round_end_requested = False
+        self._start_trainer()
+        self._write_status(force=True)
+
+    def _announce_round(self) -> None:
+        where = f"{self.round.node_count} instances led by {self.identity.instance_id}"
+        if self.round.resume_step is None:
+            if self.round.number == 1:
+                self.notifier.publish("started", [f"Training started on {where}."])
+            return
+        self.resumed_from = self.round.resume_step
+        self.store.append_event("resumed", self.identity.instance_id,
+                                step=self.round.resume_step, round=self.round.number)
+        self.notifier.publish(f"resumed from step {self.round.resume_step}",
+                              [f"Resumed from checkpoint step {self.round.resume_step} on "
+                               f"{where} (round {self.round.number}).",
+                               f"Interruptions so far: {self.counters.interruptions}."])
+
+    def _wait_for_members(self) -> list[str]:
+        """Return the members of the next round: nodes - 1 of them, or after
+        rendezvous_timeout_seconds at least min_nodes - 1; fail the run otherwise."""
+        wanted = self.config.nodes - 1
+        self.state = "waiting_for_instances"
+        started = time.monotonic()
+        announced = -1
+        while True:
+            fresh = [member for member in self.store.fresh_members(MEMBER_FRESH_S)
+                     if member != self.identity.instance_id]
+            if len(fresh) >= wanted:
+                return fresh[:wanted]
+            waited = time.monotonic() - started
+            if waited > self.config.rendezvous_timeout_seconds:
+                if len(fresh) + 1 >= self.config.min_nodes:
+                    log.warning("starting the round with %d of %d instances after %.0f s",
+                                len(fresh) + 1, self.config.nodes, waited)
+                    return fresh
+                self._finish_failed(
+                    "rendezvous_timeout",
+                    f"only {len(fresh) + 1} of the {self.config.min_nodes} instances needed "
+                    f"(min_nodes) were ready after {waited:.0f} s "
+                    f"(rendezvous_timeout_seconds is {self.config.rendezvous_timeout_seconds:.0f})")
+            if len(fresh) != announced:
+                log.info("waiting for instances: %d of %d ready", len(fresh) + 1,
+                         self.config.nodes)
+                announced = len(fresh)
+            self._write_status()
+            self._check_notices_during_start("waiting for the run's other instances")
+            if self._runtime_exceeded():
+                self._finish_stopped("maximum run time reached while waiting for instances")
+            time.sleep(1.0)
+
+    def _follow_round(self) -> None:
+        """Wait for a round that lists this member, or take the lease if the leader is gone."""
+        last = self.round.number if self.round else 0
+        self.state = "waiting_for_round"
+        while True:
+            self._renew_membership(force=True)
+            if self.store.is_done():
+                self._end_member_quietly(EXIT_OK)
+            document = self.store.read_rendezvous()
+            if document is not None:
+                published = Round.from_dict(document)
+                if published.number > last and self.identity.instance_id in published.members:
+                    break
+            lease = self.store.try_acquire_lease(self.identity.instance_id,
+                                                 self.config.lease_ttl_seconds)
+            if lease is not None:
+                log.warning("the run lease is free: this instance leads the run from now on")
+                self.lease = lease
+                self.store.remove_member(self.identity.instance_id)
+                self._begin_leadership()
+                self._lead_round()
+                return
+            self._check_notices_during_start("waiting for a round")
+            time.sleep(1.0)
+        self.round = published
+        if published.resume_step is not None and not self._has_local_checkpoint(
+                published.resume_step):
+            self._fetch_checkpoint(published.resume_step)
+        log.info("joining round %d of leader %s at %s (%d instances, step %s)",
+                 published.number, published.leader, published.endpoint,
+                 published.node_count, published.resume_step)
+        self._start_trainer()
+
+    def _has_local_checkpoint(self, step: int) -> bool:
+        folder = self.checkpoint_dir / contract.step_folder_name(step)
+        return contract.read_verified_manifest(folder) is not None
+
+    def _fetch_checkpoint(self, step: int) -> None:
+        if self.store.download_checkpoint(step, self.checkpoint_dir) is None:
+            raise RuntimeError(f"committed checkpoint step {step} in S3 does not verify")
+
+    def _renew_membership(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_member_check < MEMBER_HEARTBEAT_S:
+            return
+        self._last_member_check = now
+        self.store.register_member(self.identity.instance_id, self.identity.private_ip)
+
+    def _check_round_membership(self) -> None:
+        """Leader: end the round to let waiting instances in. Member: stay registered,
+        and stop a trainer whose round the leader has already replaced."""
+        if not self.is_leader:
+            self._renew_membership()
+            now = time.monotonic()
+            if now - self._last_round_check < MEMBER_HEARTBEAT_S:
+                return
+            self._last_round_check = now
+            document = self.store.read_rendezvous()
+            if (document is not None and self.round is not None
+                    and int(document["round"]) > self.round.number
+                    and self.trainer.poll() is None):
+                log.warning("round %d has started without this instance; stopping round %d",
+                            int(document["round"]), self.round.number)
+                self.trainer.kill()
+            return
+        now = time.monotonic()
+        if self._round_end_requested or now - self._last_member_check < MEMBER_HEARTBEAT_S:
+            return
+        self._last_member_check = now
+        if self.round is None or self.round.node_count >= self.config.nodes:
+            return
+        waiting = [member for member in self.store.fresh_members(MEMBER_FRESH_S)
+                   if member not in self.round.members and member != self.identity.instance_id]
+        if waiting and self._first_step_seen:
+            log.info("instance(s) %s ready to join: saving and starting a new round",
+                     ", ".join(waiting))
+            self._round_end_requested = True
+            self.trainer.send(contract.SIGNAL_SAVE_AND_EXIT)
+
+    def _on_round_end(self, code: int) -> None:
+        """Handle a round that ended with a save or a lost peer (no crash)."""
+        reason = "saved" if code == contract.EXIT_SAVED else "peer lost"
+        log.warning("round %s ended (%s, exit code %d)",
+                    self.round.number if self.round else "?", reason, code)
+        if not self.is_leader:
+            return
+        failure = self.store.read_failure()
+        if failure is not None:
+            self._finish_failed(failure.get("ending", "failed"), failure.get("reason", ""),
+                                log_tail=failure.get("log_tail"))
+        self._upload_new_checkpoints()
+        self._wait_for_uploads(timeout=None)
+        if code == contract.EXIT_SAVED and not self._round_end_requested:
+            # A member got a spot notice or a shutdown and all ranks saved.
+            self.counters.interruptions += 1
+        if self.committed_step == self._committed_at_trainer_start and not (
+                self._round_end_requested and code == contract.EXIT_SAVED):
+            self.restarts_without_progress += 1
+        else:
+            self.restarts_without_progress = 0
+        self.store.append_event("round_ended", self.identity.instance_id,
+                                round=self.round.number if self.round else None,
+                                exit_code=code, committed_step=self.committed_step,
+                                restarts_without_progress=self.restarts_without_progress)
+        if self.restarts_without_progress >= self.config.max_restarts_without_progress:
+            self._finish_failed(
+                "no_progress",
+                f"{self.restarts_without_progress} rounds in a row ended without a newer "
+                f"committed checkpoint (committed step stayed at {self.committed_step}; last: "
+                f"{reason}); max_restarts_without_progress is "
+                f"{self.config.max_restarts_without_progress}")
+
+    def _wait_for_leader_to_finish(self) -> None:
+        """Member whose training completed: wait for DONE, or finish the run itself if
+        the leader's lease goes stale first (every instance holds the final outputs)."""
+        self.state = "completed"
+        while True:
+            if self.store.is_done():
+                self._end_member_quietly(EXIT_OK)
+            lease = self.store.try_acquire_lease(self.identity.instance_id,
+                                                 self.config.lease_ttl_seconds)
+            if lease is not None:
+                log.warning("the leader did not finish the run; finishing it from this instance")
+                self.lease = lease
+                self.store.remove_member(self.identity.instance_id)
+                self._begin_leadership()
+                return
+            if self._shutdown_requested.is_set() and self.store.is_done():
+                self._end_member_quietly(EXIT_OK)
+            time.sleep(1.0)
+
+    def _leave_rounds(self) -> None:
+        if not self.is_leader:
+            self.store.remove_member(self.identity.instance_id)
+
+    def _end_member_quietly(self, exit_code: int) -> None:
+        if not self.is_leader:
+            self.store.remove_member(self.identity.instance_id)
+        raise RunEnded(exit_code)
 
     # Notices ---------------------------------------------------------------------------
 
@@ -406,6 +743,9 @@ class Supervisor:
         changed, rebalancing), by the in-account maximum run time schedule or by hand.
         The run goes on from this checkpoint on the next instance, if the group has one.
         """
+        if self.multi_node and self.store.is_done():
+            log.info("the instance is shutting down after the run completed")
+            self._end_member_quietly(EXIT_OK)
         self.progress.read_new()
         step = self.progress.step
         log.warning("the instance is shutting down at step %s; saving a checkpoint", step)
@@ -425,10 +765,13 @@ class Supervisor:
         trainer is killed and the previous committed checkpoint stays the latest, so
         nothing partial is published.
         """
-        self.trainer.send(contract.SIGNAL_SAVE_AND_EXIT)
+        signalled = self.trainer.send(contract.SIGNAL_SAVE_AND_EXIT)
         while self.trainer.poll() is None and time.time() < deadline:
             self.progress.read_new()
             time.sleep(TICK_S / 2)
+            if not signalled:
+                # torchrun had not started the training processes yet: try again.
+                signalled = self.trainer.send(contract.SIGNAL_SAVE_AND_EXIT)
         self.progress.read_new()
         if self.trainer.poll() is None:
             log.error("trainer did not save before the notice deadline; killing it")
@@ -436,7 +779,24 @@ class Supervisor:
             return None
         self._upload_new_checkpoints()
         self._wait_for_uploads(timeout=max(0.0, deadline - time.time()))
+        if not self.is_leader:
+            self._wait_for_leader_commit(deadline)
         return self.trainer.poll()
+
+    def _wait_for_leader_commit(self, deadline: float) -> None:
+        """Member after a save: wait until the leader committed that step to S3, so the
+        interruption records the step the run resumes from."""
+        newest = self._newest_local_checkpoint()
+        if newest is None:
+            return
+        while time.time() < deadline:
+            latest = self.store.latest_step()
+            if latest is not None and latest >= newest[0]:
+                self.committed_step = latest
+                return
+            time.sleep(TICK_S)
+        log.warning("the leader had not committed step %d to S3 by the notice deadline",
+                    newest[0])
 
     def _end_interrupted(self, step_at_notice: int | None) -> None:
         last_step = self.progress.step if self.progress.step is not None else step_at_notice
@@ -450,6 +810,8 @@ class Supervisor:
         self.state = "interrupted"
         self._write_status(force=True)
         self._release_lease()
+        if self.multi_node:
+            self._leave_rounds()
         self.notifier.publish(
             f"interrupted at step {step_at_notice}",
             [f"Spot interruption notice for {self.identity.instance_id} at step "
@@ -467,6 +829,10 @@ class Supervisor:
         return None
 
     def _upload_new_checkpoints(self) -> None:
+        if not self.is_leader:
+            # Members keep their copies only for a takeover; the leader uploads its own.
+            self._prune_local_copies()
+            return
         for step, folder in contract.committed_local_checkpoints(self.checkpoint_dir):
             if step in self._submitted_steps:
                 continue
@@ -491,6 +857,12 @@ class Supervisor:
                                 bytes=sum(item.size for item in manifest.files))
         self.store.prune_checkpoints(self.config.keep_checkpoints)
         self._prune_local(keep_step=manifest.step)
+
+    def _prune_local_copies(self) -> None:
+        committed = contract.committed_local_checkpoints(self.checkpoint_dir)
+        keep = self.config.keep_checkpoints
+        if len(committed) > keep:
+            self._prune_local(keep_step=committed[-keep][0])
 
     def _prune_local(self, keep_step: int) -> None:
         for step, folder in contract.committed_local_checkpoints(self.checkpoint_dir):
@@ -519,6 +891,8 @@ class Supervisor:
     # Status and lease ------------------------------------------------------------------
 
     def _write_status(self, force: bool = False, **extra) -> None:
+        if not self.is_leader:
+            return
         now = time.monotonic()
         interval = min(STATUS_EVERY_S, self.config.lease_ttl_seconds / 4)
         if not force and now - self._last_status < interval:
@@ -539,6 +913,7 @@ class Supervisor:
             "instance_type": self.identity.instance_type,
             "availability_zone": self.identity.availability_zone,
             "updated_at": time.time(),
+            **self._round_status(),
             **vars(self.counters),
             **extra,
         }
@@ -621,6 +996,15 @@ class Supervisor:
     def _finish_failed(self, ending: str, reason: str,
                        log_tail: list[str] | None = None) -> None:
         log.error("run failed: %s", reason)
+        if not self.is_leader:
+            # Only the leader writes the status and ends the group; it reads this record
+            # when the round ends.
+            self.store.record_failure({"ending": ending, "reason": reason,
+                                       "instance_id": self.identity.instance_id,
+                                       "log_tail": log_tail or []})
+            self.store.append_event("failed", self.identity.instance_id, ending=ending,
+                                    reason=reason)
+            self._end_member_quietly(EXIT_RUN_FAILED)
         self.state = "failed"
         self._write_status(force=True, ending=ending, reason=reason, log_tail=log_tail or [])
         self.store.append_event("failed", self.identity.instance_id, ending=ending,

@@ -14,12 +14,47 @@ from pathlib import Path
 log = logging.getLogger("spotrun.trainer")
 
 
+def child_pids(pid: int) -> list[int]:
+    """Return the ids of the processes whose parent is ``pid`` (Linux /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        # The command name in brackets may contain spaces; the parent id follows it.
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 1 and int(fields[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Return the ids of every process below ``pid``, children first."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        children = child_pids(pending.pop())
+        found.extend(children)
+        pending.extend(children)
+    return found
+
+
 class TrainerProcess:
-    """One start of the training command, in its own process group."""
+    """One start of the training command, in its own process group.
+
+    With ``signal_children`` the command is a launcher (torchrun through ``ml.launch``)
+    and the contract's signals go to its children, the training processes, which
+    torchrun starts in sessions of their own.
+    """
 
     def __init__(self, command: list[str], *, env: dict[str, str], cwd: Path,
-                 log_path: Path) -> None:
+                 log_path: Path, signal_children: bool = False) -> None:
         self.command = [sys.executable if part == "{python}" else part for part in command]
+        self.signal_children = signal_children
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(log_path, "ab")
@@ -38,16 +73,42 @@ class TrainerProcess:
             self._log_file.close()
         return code
 
-    def send(self, signal_number: int) -> None:
-        if self.process.poll() is None:
+    def send(self, signal_number: int) -> int:
+        """Send a signal to the training process(es); return how many were signalled."""
+        if self.process.poll() is not None:
+            return 0
+        if not self.signal_children:
             self.process.send_signal(signal_number)
+            return 1
+        workers = child_pids(self.process.pid)
+        if not workers:
+            log.warning("no training process runs under the launcher yet; signal %d not sent",
+                        signal_number)
+        sent = 0
+        for pid in workers:
+            try:
+                os.kill(pid, signal_number)
+                sent += 1
+            except ProcessLookupError:
+                pass
+        return sent
 
     def kill(self) -> None:
-        """Kill the whole process group (the trainer and anything it started)."""
+        """Kill the trainer's process group and every process below it.
+
+        torchrun starts each training process in a session of its own, so killing the
+        group alone would leave them running.
+        """
+        below = descendant_pids(self.process.pid)
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in below:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.process.wait()
         self.poll()
 

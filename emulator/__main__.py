@@ -31,8 +31,15 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 # Events worth a line on the console while the run goes on.
 EVENT_LINES = {
-    "instance_started": lambda e: f"supervisor on {e['instance_id']} holds the run lease "
-                                  f"(generation {e.get('lease_generation')})",
+    "instance_started": lambda e: (
+        f"supervisor on {e['instance_id']} joined as a member (another instance holds "
+        f"the run lease)" if e.get("role") == "member" else
+        f"supervisor on {e['instance_id']} holds the run lease "
+        f"(generation {e.get('lease_generation')})"),
+    "round_started": lambda e: f"round {e.get('round')}: {len(e.get('members', [])) + 1} "
+                               f"instance(s) resume from step {e.get('resume_step')}",
+    "round_ended": lambda e: f"round {e.get('round')} ended with exit code "
+                             f"{e.get('exit_code')}; committed step {e.get('committed_step')}",
     "resumed": lambda e: f"resumed from checkpoint step {e.get('step')} on {e['instance_id']}",
     "checkpoint_committed": lambda e: f"checkpoint step {e.get('step')} committed to S3",
     "interruption_notice": lambda e: f"supervisor saw the {e.get('action')} notice at step "

@@ -31,6 +31,7 @@ log = logging.getLogger("spotrun.emulator")
 TICK_S = 0.25
 # Time an instance's processes get between the shutdown signal and the kill.
 SHUTDOWN_GRACE_S = 15.0
+LOOPBACK_ADDRESS = "127.0.0.1"
 
 
 def _read_proc(pid: str, name: str) -> bytes:
@@ -113,6 +114,16 @@ class EmulatedInstance:
     def supervisor_pids(self) -> list[int]:
         return [pid for pid in processes_with_env("SPOTRUN_ROOT", str(self.root))
                 if b"bootstrap" in _read_proc(str(pid), "cmdline").split(b"\0")]
+
+    def role(self) -> str | None:
+        """Return "leader" or "member" as the supervisor wrote it, or None before that."""
+        try:
+            return (self.root / "work" / "role").read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
+
+    def matches(self, target: str) -> bool:
+        return target == "any" or self.role() == target
 
     def progress_size(self) -> int:
         try:
@@ -250,7 +261,9 @@ class ControlPlane:
             ami_id=ec2_instance.get("ImageId", "ami-00000000"),
             availability_zone=ec2_instance["Placement"]["AvailabilityZone"],
             region=self.cloud.region,
-            private_ip=ec2_instance.get("PrivateIpAddress", "10.0.0.10"),
+            # The emulated instances share this machine's loopback interface, where
+            # multi-node runs find each other.
+            private_ip=LOOPBACK_ADDRESS,
             role_name=role_name, user_data=user_data, account_id=self.cloud.account_id)
         role_arn = f"arn:aws:iam::{self.cloud.account_id}:role/{role_name}"
         imds = ImdsEmulator(description, credentials_source=lambda: RoleCredentials.from_sts(
@@ -322,6 +335,10 @@ class ControlPlane:
         self.say(f"revoked {', '.join(actions)} from role {role_name} "
                  f"({removed} grant(s) removed)")
 
+    def _nodes(self) -> int:
+        nodes = self.scenario.params.get("nodes", 1)
+        return nodes if isinstance(nodes, int) else 1
+
     def _role_of_profile(self, profile_arn: str) -> str:
         profile_name = profile_arn.rsplit("/", 1)[-1]
         profile = self.iam.get_instance_profile(InstanceProfileName=profile_name)
@@ -348,6 +365,9 @@ class ControlPlane:
             "SPOTRUN_PYTHON": sys.executable,
             # The script's last line powers off; here the control plane detects the exit.
             "SPOTRUN_SHUTDOWN_COMMAND": "true",
+            # Emulated instances share this machine's cores; one thread per training
+            # process keeps several of them from oversubscribing the cores.
+            **({"OMP_NUM_THREADS": "1"} if self._nodes() > 1 else {}),
         }
 
     # Lifecycle ---------------------------------------------------------------------
@@ -411,6 +431,8 @@ class ControlPlane:
             step = instance.current_step()
             if step is None or step < interruption.after_step:
                 continue
+            if not instance.matches(interruption.target):
+                continue
             self.pending.pop(0)
             self._send_notice(instance, interruption, step)
             return
@@ -443,6 +465,8 @@ class ControlPlane:
                 step = instance.current_step()
                 if step is None or step < state.fault.after_step:
                     continue
+                if not instance.matches(state.fault.target):
+                    continue
                 if state.fault.repeat and instance.progress_size() <= state.progress_size_at_hit:
                     continue
                 if self._fire(state, instance):
@@ -470,6 +494,12 @@ class ControlPlane:
                 return False
             for pid in pids:
                 _signal(pid, signal.SIGKILL)
+        elif fault.kind == "instance-kill":
+            instance.signal_group(signal.SIGKILL)
+            instance.process.wait()
+            members = {member["InstanceId"] for member in self._describe_group()["Instances"]}
+            self._terminate_in_group(instance, members)
+            self._end(instance)
         elif fault.kind == "duplicate-instance":
             duplicate = self._launch_duplicate()
             self.say(f"duplicate instance {duplicate} of the same run started")

@@ -29,11 +29,17 @@ Fault kinds:
 * ``trainer-crash``: the trainer process is killed, as by the OOM killer.
 * ``trainer-hang``: the trainer process is stopped with SIGSTOP.
 * ``supervisor-kill``: the supervisor process is killed.
+* ``instance-kill``: the instance loses power: every process is killed at once, with no
+  notice, and the group replaces the instance.
 * ``duplicate-instance``: a second instance of the same launch template starts outside
   the group.
 
 ``"repeat": true`` makes ``trainer-crash`` and ``trainer-hang`` hit every trainer that
 reaches ``after_step`` again after a restart.
+
+With ``nodes`` > 1 in ``params``, ``"target": "leader"`` or ``"member"`` on an
+interruption or a fault picks the instance that holds the run lease or one that does
+not; the default ``"any"`` picks the first instance past ``after_step``.
 
 ``revoke_actions`` (optional) lists IAM actions, such as ``"s3:DeleteObject"``, that the
 control plane removes from the instance role's inline policies right after deployment,
@@ -53,9 +59,13 @@ from stacks.config import ParameterError, RunParameters, from_context
 # before the instance is reclaimed and spotrun polls IMDS every poll_interval_seconds.
 DEFAULT_NOTICE_SECONDS = 10.0
 LOCAL_PARAMETER_DEFAULTS = {"poll_interval_seconds": 0.5, "lease_ttl_seconds": 10,
-                            "heartbeat_timeout_seconds": 20}
+                            "heartbeat_timeout_seconds": 20, "rendezvous_timeout_seconds": 60,
+                            "collective_timeout_seconds": 10}
 DEFAULT_TIMEOUT_SECONDS = 900.0
 NOTICE_ACTIONS = ("terminate", "stop", "hibernate")
+# Which instance of a multi-node run a notice or fault hits: any, the run lease holder
+# (leader) or an instance without the lease (member).
+TARGETS = ("any", "leader", "member")
 # The supervisor needs a few seconds of the window to commit the checkpoint.
 MIN_NOTICE_SECONDS = 3.0
 
@@ -69,7 +79,7 @@ IMDS_FAULTS = {"imds-unauthorized": "unauthorized", "imds-token-expiry": "token-
                "imds-server-error": "server-error", "imds-throttle": "throttle",
                "imds-slow": "slow"}
 FAULT_KINDS = (*IMDS_FAULTS, "rebalance", "trainer-crash", "trainer-hang",
-               "supervisor-kill", "duplicate-instance")
+               "supervisor-kill", "instance-kill", "duplicate-instance")
 REPEATABLE_FAULTS = ("trainer-crash", "trainer-hang")
 IAM_ACTION_PATTERN = re.compile(r"^[a-z0-9-]+:[A-Za-z0-9]+$")
 
@@ -80,6 +90,7 @@ class Interruption:
     notice_seconds: float = DEFAULT_NOTICE_SECONDS
     action: str = "terminate"
     on_boot: bool = False
+    target: str = "any"
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,7 @@ class Fault:
     duration_seconds: float | None = None
     delay_seconds: float | None = None
     repeat: bool = False
+    target: str = "any"
 
 
 @dataclass(frozen=True)
@@ -176,10 +188,11 @@ def _parse_interruption(item: object, index: int, source: str) -> Interruption:
     if not isinstance(item, dict):
         raise ScenarioError(f"{where} must be an object such as "
                             f'{{"after_step": 100, "notice_seconds": 10}}')
-    unknown = sorted(set(item) - {"after_step", "notice_seconds", "action", "on_boot"})
+    unknown = sorted(set(item) - {"after_step", "notice_seconds", "action", "on_boot",
+                                  "target"})
     if unknown:
         raise ScenarioError(f"{where}: unknown field {unknown[0]!r}; valid fields are "
-                            f"after_step, notice_seconds, action, on_boot")
+                            f"after_step, notice_seconds, action, on_boot, target")
     on_boot = _parse_on_boot(item, where)
     after_step = _parse_after_step(item, where, on_boot)
     notice = item.get("notice_seconds", DEFAULT_NOTICE_SECONDS)
@@ -192,7 +205,15 @@ def _parse_interruption(item: object, index: int, source: str) -> Interruption:
         raise ScenarioError(f"{where}: action={json.dumps(action)} must be one of "
                             f"{', '.join(NOTICE_ACTIONS)}")
     return Interruption(after_step=after_step, notice_seconds=float(notice), action=action,
-                        on_boot=on_boot)
+                        on_boot=on_boot, target=_parse_target(item, where))
+
+
+def _parse_target(item: dict, where: str) -> str:
+    target = item.get("target", "any")
+    if target not in TARGETS:
+        raise ScenarioError(f"{where}: target={json.dumps(target)} must be one of "
+                            f"{', '.join(TARGETS)}")
+    return target
 
 
 def _parse_on_boot(item: dict, where: str) -> bool:
@@ -230,7 +251,8 @@ def _parse_fault(item: object, index: int, source: str) -> Fault:
         raise ScenarioError(f"{where} must be an object such as "
                             f'{{"kind": "imds-server-error", "after_step": 50, '
                             f'"duration_seconds": 5}}')
-    fields = {"kind", "after_step", "on_boot", "duration_seconds", "delay_seconds", "repeat"}
+    fields = {"kind", "after_step", "on_boot", "duration_seconds", "delay_seconds", "repeat",
+              "target"}
     unknown = sorted(set(item) - fields)
     if unknown:
         raise ScenarioError(f"{where}: unknown field {unknown[0]!r}; valid fields are "
@@ -256,4 +278,5 @@ def _parse_fault(item: object, index: int, source: str) -> Fault:
         raise ScenarioError(f"{where}: repeat={json.dumps(repeat)} is only valid (true or "
                             f"false) for {', '.join(REPEATABLE_FAULTS)}")
     return Fault(kind=kind, after_step=after_step, on_boot=on_boot,
-                 duration_seconds=duration, delay_seconds=delay, repeat=repeat)
+                 duration_seconds=duration, delay_seconds=delay, repeat=repeat,
+                 target=_parse_target(item, where))

@@ -19,6 +19,10 @@ It follows these rules:
   reads it as the heartbeat and forwards it to the run status.
 * When training is complete it writes the final model and ``metrics.json`` into
   ``OUTPUT_DIR`` and exits with ``EXIT_COMPLETED``. Any other exit code is a crash.
+* Under torchrun (more than one process), every rank gets the signals. All ranks must
+  act on a request at the same step, local rank 0 of every instance writes the
+  checkpoint, the progress file and the outputs, and a rank whose collective fails
+  exits with ``EXIT_PEER_LOST``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ ENV_DATA_DIR = "SPOTRUN_DATA_DIR"
 ENV_OUTPUT_DIR = "SPOTRUN_OUTPUT_DIR"
 ENV_PROGRESS_FILE = "SPOTRUN_PROGRESS_FILE"
 ENV_CHECKPOINT_EVERY = "SPOTRUN_CHECKPOINT_EVERY"  # steps between periodic checkpoints
+# Seconds one collective may wait for its peers under torchrun before it fails.
+ENV_COLLECTIVE_TIMEOUT = "SPOTRUN_COLLECTIVE_TIMEOUT"
 
 SIGNAL_SAVE_AND_EXIT = signal.SIGTERM
 SIGNAL_SAVE_AND_CONTINUE = signal.SIGUSR1
@@ -46,6 +52,9 @@ SIGNAL_SAVE_AND_CONTINUE = signal.SIGUSR1
 EXIT_COMPLETED = 0
 # Stopped on request after committing a checkpoint (EX_TEMPFAIL from sysexits.h).
 EXIT_SAVED = 75
+# Under torchrun: a collective failed or timed out because a peer process or instance
+# is gone or hung. Nothing was saved; the supervisor starts a new rendezvous round.
+EXIT_PEER_LOST = 76
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1

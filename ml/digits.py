@@ -326,8 +326,11 @@ def _check_trajectory_arguments(saved: dict, args: argparse.Namespace, folder: P
             )
 
 
-def select_device(requested: str) -> "torch.device":
-    """Return the device for ``--device`` and prepare it for deterministic algorithms."""
+def select_device(requested: str, local_rank: int = 0) -> "torch.device":
+    """Return the device for ``--device`` and prepare it for deterministic algorithms.
+
+    Under torchrun each process on an instance takes the GPU of its ``local_rank``.
+    """
     import torch
 
     if requested == "auto":
@@ -337,6 +340,13 @@ def select_device(requested: str) -> "torch.device":
     else:
         device = torch.device(requested)
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise DeviceUnavailableError(
+                f"local rank {local_rank} has no GPU: this instance has {torch.cuda.device_count()}; "
+                "set gpus_per_node in cdk.json to at most that number, or 0 to use every GPU"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
         # cuBLAS needs this setting for deterministic results, and it takes effect
         # only when set before the first cuBLAS call.
         # NOTE: training on CUDA has not been run yet; only the CPU results are tested.
@@ -368,13 +378,38 @@ def write_outputs(output_dir: Path, model: "torch.nn.Module", metrics: dict) -> 
 
 
 def train(args: argparse.Namespace, env: Environment, signals: Any) -> int:
-    """Run training to completion or until SIGTERM, and return the exit code."""
+    """Run training to completion or until SIGTERM, and return the exit code.
+
+    Under torchrun the ranks train data-parallel with DDP: each step's global batch is
+    the same as in a single process, and each rank computes the loss of its share.
+    """
+    from ml import distributed
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(args.device, local_rank)
+    try:
+        info = distributed.init_process_group(device, dict(os.environ))
+        return _train(args, env, signals, device, info)
+    except distributed.PeerLostError as error:
+        return distributed.exit_code_for(error)
+
+
+def _close_after_peer_loss(checkpointer: Any) -> None:
+    """Let a save that is in flight finish: it holds a consistent earlier step."""
+    from ml.checkpoint import CheckpointSaveError
+
+    try:
+        checkpointer.close()
+    except CheckpointSaveError as error:
+        logger.error("the checkpoint in flight when the peer was lost failed: %s", error)
+
+
+def _train(args: argparse.Namespace, env: Environment, signals: Any, device: "torch.device", info: Any) -> int:
     import torch
     from torch.nn import functional
 
-    from ml import checkpoint
+    from ml import checkpoint, distributed
 
-    device = select_device(args.device)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(args.seed)
 
@@ -387,21 +422,34 @@ def train(args: argparse.Namespace, env: Environment, signals: Any) -> int:
     optimizer, scheduler = build_optimizer(model, args)
     sampler = checkpoint.DeterministicSampler(len(train_labels), seed=args.seed)
     checkpointer = checkpoint.Checkpointer(env.checkpoint_dir, env.run_id, model, optimizer, scheduler)
-    progress = checkpoint.ProgressWriter(env.progress_file)
+    progress = checkpoint.ProgressWriter(env.progress_file if info.writes_files else None)
     steps_per_epoch = math.ceil(len(train_labels) / args.batch_size)
     config = {name: getattr(args, name) for name in TRAJECTORY_ARGUMENTS}
+    distributed.seed_rank(args.seed, info)
 
     step, epoch, position, last_loss = 0, 0, 0, math.nan
+    resumed_step = None
     if env.resume_from is not None:
         state = checkpointer.load(env.resume_from)
         _check_trajectory_arguments(state.extra.get("config", {}), args, state.folder)
+        if info.is_distributed:
+            distributed.restore_rank_rng_state(state.extra.get("rank_rng_states"), info, args.seed)
         step, epoch, position = state.step, state.epoch, state.position
+        resumed_step = step
         last_loss = float(state.extra.get("last_loss", math.nan))
         logger.info("resumed from step %d (epoch %d, sample %d) of %s", step, epoch, position, state.folder)
+    distributed.check_same_resume_step(resumed_step, info)
     first_step = step
+    # DDP broadcasts rank 0's parameters when it wraps the model; after a resume every
+    # rank already holds the same ones.
+    trained = model
+    if info.is_distributed:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     logger.info(
         "starting run %s on %s: %d training and %d validation samples, %d steps per epoch, "
-        "%d epochs, first step %d",
+        "%d epochs, first step %d, %d process(es)",
         env.run_id,
         device,
         len(train_labels),
@@ -409,48 +457,81 @@ def train(args: argparse.Namespace, env: Environment, signals: Any) -> int:
         steps_per_epoch,
         args.epochs,
         step + 1,
+        info.world_size,
     )
 
     def save() -> None:
-        checkpointer.save(step, epoch, position, extra={"config": config, "last_loss": last_loss})
+        extra = {"config": config, "last_loss": last_loss}
+        if info.is_distributed:
+            extra["rank_rng_states"] = distributed.gather_rng_states(info)
+        if info.writes_files:
+            checkpointer.save(step, epoch, position, extra=extra)
 
     model.train()
     loop_started = time.monotonic()
-    while epoch < args.epochs:
-        sampler.set_epoch(epoch, start=position)
-        for batch in torch.utils.data.BatchSampler(sampler, args.batch_size, drop_last=False):
-            # Step boundary: the state is consistent here, so act on signals now.
-            if signals.should_save_and_exit():
-                logger.info("received SIGTERM: saving step %d and exiting", step)
-                save()
-                checkpointer.close()
-                progress.close()
-                return contract.EXIT_SAVED
-            if signals.should_save_now():
-                logger.info("received SIGUSR1: saving step %d", step)
-                save()
+    try:
+        while epoch < args.epochs:
+            sampler.set_epoch(epoch, start=position)
+            for batch in torch.utils.data.BatchSampler(sampler, args.batch_size, drop_last=False):
+                # Step boundary: the state is consistent here, so act on signals now. Under
+                # torchrun every rank acts on a request that any rank received.
+                save_and_exit, save_now = distributed.agree_on_requests(
+                    signals.should_save_and_exit(), signals.should_save_now(), info, device
+                )
+                if save_and_exit:
+                    logger.info("received SIGTERM: saving step %d and exiting", step)
+                    save()
+                    checkpointer.close()
+                    progress.close()
+                    # Every rank stops at this step, so they can leave the group together.
+                    distributed.leave_process_group(info, device)
+                    return contract.EXIT_SAVED
+                if save_now:
+                    logger.info("received SIGUSR1: saving step %d", step)
+                    save()
 
-            batch_index = torch.tensor(batch, device=device)
-            learning_rate = optimizer.param_groups[0]["lr"]
-            optimizer.zero_grad(set_to_none=True)
-            loss = functional.cross_entropy(model(train_features[batch_index]), train_labels[batch_index])
-            loss.backward()
-            optimizer.step()
+                learning_rate = optimizer.param_groups[0]["lr"]
+                optimizer.zero_grad(set_to_none=True)
+                if info.is_distributed:
+                    # DDP averages gradients over ranks, so scaling the sum of this rank's
+                    # losses by world_size / batch size gives the gradient of the batch mean.
+                    batch_index = torch.tensor(distributed.local_slice(batch, info), dtype=torch.int64, device=device)
+                    loss_sum = functional.cross_entropy(
+                        trained(train_features[batch_index]), train_labels[batch_index], reduction="sum"
+                    )
+                    (loss_sum * (info.world_size / len(batch))).backward()
+                    optimizer.step()
+                    last_loss = distributed.all_reduce_sum(loss_sum.item(), info, device) / len(batch)
+                else:
+                    batch_index = torch.tensor(batch, device=device)
+                    loss = functional.cross_entropy(model(train_features[batch_index]), train_labels[batch_index])
+                    loss.backward()
+                    optimizer.step()
+                    last_loss = loss.item()
 
-            last_loss = loss.item()
-            step_epoch = epoch
-            step += 1
-            position += len(batch)
-            if position == len(train_labels):
-                scheduler.step()
-                epoch += 1
-                position = 0
-            progress.write(step, epoch=step_epoch, loss=last_loss, lr=learning_rate,
-                           total_steps=steps_per_epoch * args.epochs)
-            if env.checkpoint_every and step % env.checkpoint_every == 0:
-                save()
-            if args.step_delay:
-                time.sleep(args.step_delay)
+                step_epoch = epoch
+                step += 1
+                position += len(batch)
+                if position == len(train_labels):
+                    scheduler.step()
+                    epoch += 1
+                    position = 0
+                progress.write(step, epoch=step_epoch, loss=last_loss, lr=learning_rate,
+                               total_steps=steps_per_epoch * args.epochs)
+                if env.checkpoint_every and step % env.checkpoint_every == 0:
+                    save()
+                if args.step_delay:
+                    time.sleep(args.step_delay)
+    except RuntimeError as error:
+        # DDP all-reduces gradients inside backward(), so a dead or hung peer surfaces
+        # there as well as in the explicit collectives.
+        if not (info.is_distributed and distributed.is_collective_error(error)):
+            raise
+        _close_after_peer_loss(checkpointer)
+        raise distributed.PeerLostError(f"a collective failed: {error}") from error
+    except distributed.PeerLostError:
+        _close_after_peer_loss(checkpointer)
+        raise
 
     loop_seconds = time.monotonic() - loop_started
     checkpointer.close()
@@ -466,10 +547,12 @@ def train(args: argparse.Namespace, env: Environment, signals: Any) -> int:
         "val_loss": val_loss,
         "val_accuracy": val_accuracy,
         "epochs": args.epochs,
+        "world_size": info.world_size,
         "steps_this_process": steps_run,
         "training_seconds_this_process": loop_seconds,
     }
-    write_outputs(env.output_dir, model, metrics)
+    if info.writes_files:
+        write_outputs(env.output_dir, model, metrics)
     logger.info(
         "done: step %d, validation accuracy %.4f, %d steps in %.1f s (%.1f steps/s), outputs in %s",
         step,
@@ -479,6 +562,7 @@ def train(args: argparse.Namespace, env: Environment, signals: Any) -> int:
         steps_run / loop_seconds if loop_seconds > 0 else 0.0,
         env.output_dir,
     )
+    distributed.leave_process_group(info, device)
     return contract.EXIT_COMPLETED
 
 
@@ -522,8 +606,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # torch warns at import when NumPy is missing, but nothing here needs NumPy.
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
-    from ml import checkpoint
+    from ml import checkpoint, distributed
 
+    try:
+        distributed.collective_timeout(dict(os.environ))
+    except ValueError as error:
+        logger.error("%s", error)
+        return EXIT_INVALID_INPUT
     signals = checkpoint.TrainingSignals().install()
     for signal_number in received_early:
         if signal_number == contract.SIGNAL_SAVE_AND_EXIT:
@@ -532,7 +621,18 @@ def main(argv: list[str] | None = None) -> int:
             signals.request_save()
 
     try:
-        return train(args, env, signals)
+        code = train(args, env, signals)
+        if code in (contract.EXIT_SAVED, contract.EXIT_PEER_LOST) and distributed.launched_by_torchrun(
+            dict(os.environ)
+        ):
+            # After a lost peer the process group's threads still wait for it, and
+            # tearing them down at interpreter exit aborts the process (SIGABRT). After a
+            # save, torchrun sends SIGTERM to the processes still running once the first
+            # one exits, and Python restores the default SIGTERM action while it shuts
+            # down. Everything worth keeping is written, so leave at once.
+            logging.shutdown()
+            os._exit(code)
+        return code
     except (
         DataError,
         DeviceUnavailableError,

@@ -30,6 +30,8 @@ VPC_ID_PATTERN = re.compile(r"^vpc-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
 SUBNET_ID_PATTERN = re.compile(r"^subnet-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
 # A plausibility check only: SNS sends a confirmation message to the address.
 EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# A guard against a typo such as 100 for 10; torchrun itself has no such limit.
+MAX_NODES = 64
 
 
 class ParameterError(ValueError):
@@ -103,13 +105,28 @@ class RunParameters:
     AWS sends a confirmation message that the recipient must accept."""
 
     nodes: int = 1
-    """Instances in the group (its maximum and desired capacity). Only 1 is accepted
-    for now: the supervisor trains on one instance per run (the run lease holder), and
-    extra instances would wait for the lease, power off and be replaced, at a cost."""
+    """Instances that train together (the group's maximum and desired capacity). With
+    more than 1, each instance runs torchrun and they form one data-parallel job through
+    a c10d rendezvous whose address the run lease holder publishes in S3."""
+
+    min_nodes: int = 0
+    """Fewest instances a multi-node round starts with, after waiting
+    rendezvous_timeout_seconds for all nodes; 0 means nodes (always wait for all, which
+    keeps results identical to an uninterrupted run)."""
 
     gpus_per_node: int = 1
-    """GPUs used on each node. Kept for launching torchrun with one process per GPU;
-    the stack and the supervisor do not use it yet."""
+    """Training processes per instance, one per GPU; 0 starts one per visible GPU (one on
+    an instance without GPUs). Any value other than 1 launches training with torchrun."""
+
+    rendezvous_timeout_seconds: float = 600.0
+    """How long a multi-node round waits for its instances (a replacement after an
+    interruption, for example) before it starts with min_nodes or the run fails, in
+    seconds (10-3600). torchrun's join_timeout is the same."""
+
+    collective_timeout_seconds: float = 300.0
+    """How long one collective (an all-reduce, for example) may wait for its peers
+    before the training process gives up on them and a new round starts, in seconds.
+    Allow for the slowest step and checkpoint (10-3600)."""
 
     vpc_id: str = ""
     """Existing VPC to launch into, with subnet_ids; empty to create a VPC."""
@@ -183,11 +200,26 @@ class RunParameters:
         _check(not self.notification_email or EMAIL_PATTERN.match(self.notification_email),
                "notification_email", self.notification_email,
                "an email address such as ml-team@example.com, or \"\" for none")
-        _check(self.nodes == 1, "nodes", self.nodes,
-               "1 (multi-node training is not supported yet; more instances would only "
-               "wait for the run lease)")
+        _check(1 <= self.nodes <= MAX_NODES, "nodes", self.nodes,
+               f"an integer from 1 to {MAX_NODES}")
+        _check(0 <= self.min_nodes <= self.nodes, "min_nodes", self.min_nodes,
+               f"0 (same as nodes) or an integer from 1 to nodes ({self.nodes})")
         _check(self.gpus_per_node >= 0, "gpus_per_node", self.gpus_per_node,
-               "an integer of 0 or more (0 for CPU-only instances)")
+               "an integer of 0 or more (0 for one process per visible GPU)")
+        _check(10 <= self.rendezvous_timeout_seconds <= 3600, "rendezvous_timeout_seconds",
+               self.rendezvous_timeout_seconds, "10 to 3600 seconds")
+        _check(10 <= self.collective_timeout_seconds <= 3600, "collective_timeout_seconds",
+               self.collective_timeout_seconds, "10 to 3600 seconds")
+        if self.nodes > 1 or self.gpus_per_node != 1:
+            _check(self.collective_timeout_seconds < self.heartbeat_timeout_seconds,
+                   "collective_timeout_seconds", self.collective_timeout_seconds,
+                   f"less than heartbeat_timeout_seconds ({self.heartbeat_timeout_seconds:g}),"
+                   " so that a process waiting for a dead peer ends as a lost peer, not as a "
+                   "hung trainer")
+            _check(self._runs_under_torchrun(), "train_command", list(self.train_command),
+                   "[\"{python}\", \"-m\", \"module\", ...], [\"{python}\", \"script.py\", ...] or "
+                   "another executable, because torchrun starts it (nodes > 1 or "
+                   "gpus_per_node != 1); interpreter options such as -u are not supported")
         self._check_network()
 
     def _check_network(self) -> None:
@@ -202,6 +234,16 @@ class RunParameters:
                f"the public subnets of vpc_id {self.vpc_id} (give both or neither)")
         _check(self.vpc_id or not self.subnet_ids, "vpc_id", self.vpc_id,
                "the id of the VPC that holds subnet_ids (give both or neither)")
+
+    def _runs_under_torchrun(self) -> bool:
+        if self.train_command[0] != "{python}":
+            return True
+        rest = self.train_command[1:]
+        return bool(rest) and (rest[0] == "-m" or not rest[0].startswith("-"))
+
+    @property
+    def effective_min_nodes(self) -> int:
+        return self.min_nodes or self.nodes
 
     @property
     def max_runtime_seconds(self) -> float:

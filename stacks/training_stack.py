@@ -66,9 +66,7 @@ class TrainingStack(Stack):
 
         vpc = self._network()
         self.role = self._instance_role()
-        security_group = ec2.SecurityGroup(
-            self, "InstanceSecurityGroup", vpc=vpc, allow_all_outbound=True,
-            description="spotrun training instances: no inbound traffic")
+        security_group = self._security_group(vpc)
         launch_template = self._launch_template(security_group)
         self.group = self._auto_scaling_group(vpc, launch_template)
         self.controls = RunControls(
@@ -230,10 +228,29 @@ class TrainingStack(Stack):
             heartbeat_timeout_seconds=params.heartbeat_timeout_seconds,
             lease_ttl_seconds=params.lease_ttl_seconds,
             max_runtime_seconds=params.max_runtime_seconds,
+            nodes=params.nodes,
+            min_nodes=params.effective_min_nodes,
+            gpus_per_node=params.gpus_per_node,
+            rendezvous_timeout_seconds=params.rendezvous_timeout_seconds,
+            collective_timeout_seconds=params.collective_timeout_seconds,
             log_group=self.log_group.log_group_name,
             topic_arn=self.topic.topic_arn,
             **data,
         )
+
+    def _security_group(self, vpc: ec2.IVpc) -> ec2.SecurityGroup:
+        """Return the instances' security group: outbound only, plus TCP among the
+        group's own instances when several train together (rendezvous, gloo, NCCL)."""
+        multi_node = self.params.nodes > 1
+        security_group = ec2.SecurityGroup(
+            self, "InstanceSecurityGroup", vpc=vpc, allow_all_outbound=True,
+            description=("spotrun training instances: inbound TCP from each other only"
+                         if multi_node else "spotrun training instances: no inbound traffic"))
+        if multi_node:
+            security_group.add_ingress_rule(
+                peer=security_group, connection=ec2.Port.all_tcp(),
+                description="torchrun rendezvous and collectives between the run's instances")
+        return security_group
 
     def _launch_template(self, security_group: ec2.SecurityGroup) -> ec2.LaunchTemplate:
         script = render_user_data(

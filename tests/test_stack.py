@@ -452,10 +452,12 @@ def test_user_data_contains_run_config(run: Synthesized, tmp_path: Path) -> None
     assert config["train_command"] == list(run.params.train_command)
     # Every setting that RunConfig shares with RunParameters must be passed through.
     shared = ({field.name for field in fields(RunConfig)}
-              & {field.name for field in fields(RunParameters)}) - {"train_command"}
+              & {field.name for field in fields(RunParameters)}) - {"train_command", "min_nodes"}
     assert "checkpoint_every_steps" in shared
     for name in sorted(shared):
         assert config[name] == getattr(run.params, name), name
+    # 0 in cdk.json means "all nodes"; the instance gets the number.
+    assert config["min_nodes"] == run.params.effective_min_nodes
     # The supervisor must accept the document as it is written on the instance.
     path = tmp_path / "run-config.json"
     path.write_text(json.dumps(config))
@@ -514,7 +516,7 @@ OPTIONS_PARAMETERS = RunParameters(
     run_name="options-run",
     max_runtime_hours=2.5,
     notification_email="ml-team@example.com",
-    nodes=1,
+    nodes=2,
     gpus_per_node=8,
     vpc_id="vpc-0123456789abcdef0",
     subnet_ids=("subnet-0123456789abcdef0", "subnet-12345678"),
