@@ -1,4 +1,4 @@
-"""How the supervisor starts training under torchrun, on one instance or several.
+"""Training under torchrun, on one instance or several: the command line and the rounds.
 
 A run with ``nodes`` > 1 trains in rounds. The run lease holder (the leader) waits
 until enough instances have registered as members, then publishes a round in

@@ -138,6 +138,9 @@ class Supervisor:
         self.is_leader = True
         self.round: Round | None = None
         self._round_end_requested = False
+        # Set when this instance stops its own round's trainer because the round cannot
+        # go on (a listed peer vanished, or the leader started a newer round).
+        self._round_abandoned = False
         self._last_member_check = 0.0
         self._last_round_check = 0.0
 
@@ -345,6 +348,7 @@ class Supervisor:
         self.state = "training"
         self._trainer_hung = False
         self._first_step_seen = False
+        self._round_abandoned = False
         self._last_progress_at = time.monotonic()
         self._committed_at_trainer_start = self.committed_step
 
@@ -407,8 +411,8 @@ class Supervisor:
             if not self.is_leader:
                 self._wait_for_leader_to_finish()
             self._finish_completed()
-        if self.multi_node and code in ROUND_END_CODES and not hung:
-            self._on_round_end(code)
+        if self.multi_node and not hung and (code in ROUND_END_CODES or self._round_abandoned):
+            self._on_round_end(code if code in ROUND_END_CODES else contract.EXIT_PEER_LOST)
             return
         self.counters.crashes += 1
         tail = self.trainer.tail()
@@ -530,15 +534,15 @@ class Supervisor:
     def _wait_for_members(self) -> list[str]:
         """Return the members of the next round: nodes - 1 of them, or after
         rendezvous_timeout_seconds at least min_nodes - 1; fail the run otherwise."""
-        wanted = self.config.nodes - 1
+        needed = self.config.nodes - 1
         self.state = "waiting_for_instances"
         started = time.monotonic()
         announced = -1
         while True:
             fresh = [member for member in self.store.fresh_members(MEMBER_FRESH_S)
                      if member != self.identity.instance_id]
-            if len(fresh) >= wanted:
-                return fresh[:wanted]
+            if len(fresh) >= needed:
+                return fresh[:needed]
             waited = time.monotonic() - started
             if waited > self.config.rendezvous_timeout_seconds:
                 if len(fresh) + 1 >= self.config.min_nodes:
@@ -564,8 +568,9 @@ class Supervisor:
         """Wait for a round that lists this member, or take the lease if the leader is gone."""
         last = self.round.number if self.round else 0
         self.state = "waiting_for_round"
+        self._renew_membership(force=True)
         while True:
-            self._renew_membership(force=True)
+            self._renew_membership()
             if self.store.is_done():
                 self._end_member_quietly(EXIT_OK)
             document = self.store.read_rendezvous()
@@ -623,15 +628,27 @@ class Supervisor:
                     and self.trainer.poll() is None):
                 log.warning("round %d has started without this instance; stopping round %d",
                             int(document["round"]), self.round.number)
+                self._round_abandoned = True
                 self.trainer.kill()
             return
         now = time.monotonic()
         if self._round_end_requested or now - self._last_member_check < MEMBER_HEARTBEAT_S:
             return
         self._last_member_check = now
-        if self.round is None or self.round.node_count >= self.config.nodes:
+        if self.round is None:
             return
-        waiting = [member for member in self.store.fresh_members(MEMBER_FRESH_S)
+        fresh = set(self.store.fresh_members(MEMBER_FRESH_S))
+        gone = [member for member in self.round.members if member not in fresh]
+        if gone and not self._first_step_seen and self.trainer.poll() is None:
+            # torchrun would wait its whole join timeout for an instance that is gone.
+            log.warning("member(s) %s stopped renewing before round %d formed; starting a "
+                        "new round", ", ".join(gone), self.round.number)
+            self._round_abandoned = True
+            self.trainer.kill()
+            return
+        if self.round.node_count >= self.config.nodes:
+            return
+        waiting = [member for member in fresh
                    if member not in self.round.members and member != self.identity.instance_id]
         if waiting and self._first_step_seen:
             log.info("instance(s) %s ready to join: saving and starting a new round",
@@ -717,6 +734,8 @@ class Supervisor:
                                     step=self.progress.step)
             self.trainer.send(contract.SIGNAL_SAVE_AND_CONTINUE)
             return
+        # A leaving member must not be listed in the leader's next round.
+        self._leave_rounds()
         # The poll may have taken seconds (slow IMDS): read the step the trainer is at now.
         self.progress.read_new()
         step_at_notice = self.progress.step
@@ -746,6 +765,7 @@ class Supervisor:
         if self.multi_node and self.store.is_done():
             log.info("the instance is shutting down after the run completed")
             self._end_member_quietly(EXIT_OK)
+        self._leave_rounds()
         self.progress.read_new()
         step = self.progress.step
         log.warning("the instance is shutting down at step %s; saving a checkpoint", step)

@@ -68,8 +68,12 @@ def interruptions_from_events(events: list[dict]) -> list[dict]:
                 record["checkpoint_step"] = later.get("checkpoint_step")
                 record["last_step"] = later.get("last_step")
                 record["steps_lost"] = later.get("steps_lost")
-            if later["type"] == "resumed" and later["instance_id"] != event["instance_id"]:
+            # In a multi-node run the leader may resume before the interrupted member
+            # records its checkpoint, so look for both events.
+            if (later["type"] == "resumed" and later["instance_id"] != event["instance_id"]
+                    and record["resumed_from"] is None):
                 record["resumed_from"] = later.get("step")
+            if record["resumed_from"] is not None and record["checkpoint_step"] is not None:
                 break
         if record["steps_lost"] is None and record["step_at_notice"] is not None:
             # Killed before it could record its checkpoint: the work after the step

@@ -395,7 +395,7 @@ def train(args: argparse.Namespace, env: Environment, signals: Any) -> int:
 
 
 def _close_after_peer_loss(checkpointer: Any) -> None:
-    """Let a save that is in flight finish: it holds a consistent earlier step."""
+    """Let a save that is in flight finish, because it contains a consistent earlier step."""
     from ml.checkpoint import CheckpointSaveError
 
     try:
@@ -440,8 +440,8 @@ def _train(args: argparse.Namespace, env: Environment, signals: Any, device: "to
         logger.info("resumed from step %d (epoch %d, sample %d) of %s", step, epoch, position, state.folder)
     distributed.check_same_resume_step(resumed_step, info)
     first_step = step
-    # DDP broadcasts rank 0's parameters when it wraps the model; after a resume every
-    # rank already holds the same ones.
+    # DDP broadcasts rank 0's parameters when it wraps the model. After a resume every
+    # rank already has the same ones.
     trained = model
     if info.is_distributed:
         trained = torch.nn.parallel.DistributedDataParallel(

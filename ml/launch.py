@@ -8,7 +8,7 @@ this module calls in-process, with two changes:
   without GPUs (torchrun's own ``auto`` would start one per CPU there).
 * torchrun's agent ignores SIGTERM. A spot notice or a shutdown makes the supervisor
   (or the operating system) send SIGTERM to the training processes themselves, which
-  then save and exit with ``EXIT_SAVED``. torchrun would otherwise answer SIGTERM by
+  then save and exit with ``EXIT_SAVED``. Otherwise torchrun would react to SIGTERM by
   killing them after 30 s and exit with its own code.
 
 torchrun reports only "failed" for any non-zero exit, so the exit codes of the

@@ -108,10 +108,14 @@ def interruptions(events: list[dict]) -> list[dict]:
                     and record["checkpoint_step"] is None):
                 record["checkpoint_step"] = later.get("checkpoint_step")
                 record["steps_lost"] = later.get("steps_lost")
-            if later.get("type") == "resumed" and not same_instance:
+            # In a multi-node run the leader may resume before the interrupted member
+            # records its checkpoint, so look for both events.
+            if (later.get("type") == "resumed" and not same_instance
+                    and record["resumed_from"] is None):
                 record["resumed_from"] = later.get("step")
                 record["resumed_on"] = later.get("instance_id")
                 record["resumed_at"] = later.get("time")
+            if record["resumed_from"] is not None and record["checkpoint_step"] is not None:
                 break
         records.append(record)
     return records

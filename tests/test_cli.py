@@ -548,3 +548,22 @@ def test_drill_starts_tagged_fis_template(moto_endpoint):
     experiment = start_drill(fis, RUN)
 
     assert experiment["experimentTemplateId"] == created["id"]
+
+
+def test_member_interruption_paired_after_leader_resume():
+    from emulator.report import interruptions_from_events
+    from spotrun_cli.timeline import interruptions
+
+    # In a multi-node run the leader resumes before the member records its checkpoint.
+    events = [
+        {"type": "interruption_notice", "instance_id": "i-member", "time": 1.0,
+         "action": "terminate", "step_at_notice": 160, "notice_time": 11.0},
+        {"type": "resumed", "instance_id": "i-leader", "time": 2.0, "step": 161},
+        {"type": "interruption_checkpoint", "instance_id": "i-member", "time": 2.5,
+         "checkpoint_step": 161, "last_step": 161, "steps_lost": 0},
+    ]
+    for records in (interruptions_from_events(events), interruptions(events)):
+        assert len(records) == 1
+        assert records[0]["checkpoint_step"] == 161
+        assert records[0]["resumed_from"] == 161
+        assert records[0]["steps_lost"] == 0

@@ -294,3 +294,32 @@ def test_cdk_synth_defaults_offline(tmp_path: Path) -> None:
               if resource["Type"] == "AWS::AutoScaling::AutoScalingGroup"]
     assert len(groups) == 1
     assert groups[0]["Properties"]["AutoScalingGroupName"] == "spotrun-digits-demo"
+
+
+def test_torchrun_rejects_interpreter_options() -> None:
+    with pytest.raises(ParameterError) as raised:
+        from_context({"nodes": 2, "train_command": ["{python}", "-u", "-m", "ml.digits"]})
+
+    message = str(raised.value)
+    assert 'train_command=["{python}", "-u", "-m", "ml.digits"]' in message
+    assert "torchrun" in message
+
+
+def test_single_process_accepts_interpreter_options() -> None:
+    params = from_context({"train_command": ["{python}", "-u", "-m", "ml.digits"]})
+
+    assert params.train_command == ("{python}", "-u", "-m", "ml.digits")
+
+
+def test_collective_timeout_below_heartbeat_for_torchrun() -> None:
+    with pytest.raises(ParameterError) as raised:
+        from_context({"nodes": 2, "heartbeat_timeout_seconds": 60,
+                      "collective_timeout_seconds": 60})
+
+    assert "collective_timeout_seconds=60.0" in str(raised.value)
+    assert "heartbeat_timeout_seconds (60)" in str(raised.value)
+
+
+def test_min_nodes_zero_means_all_nodes() -> None:
+    assert from_context({"nodes": 3}).effective_min_nodes == 3
+    assert from_context({"nodes": 3, "min_nodes": 2}).effective_min_nodes == 2

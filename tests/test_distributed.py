@@ -168,7 +168,7 @@ def test_two_processes_complete(baseline):
     assert [record["step"] for record in baseline.progress()] == list(range(1, STEPS + 1))
 
 
-def test_sigterm_to_one_rank_saves_all_and_resumes_exactly(tmp_path, baseline):
+def test_one_rank_sigterm_resumes_exactly(tmp_path, baseline):
     node = Node(tmp_path / "node")
     launcher = launch(node, single_node_args(), extra=["--step-delay", "0.05"])
     wait_for_step(node, 30)
@@ -206,10 +206,11 @@ def test_two_nodes_match_after_interruption(tmp_path):
     os.kill(worker_pids(peer)[0], signal.SIGTERM)
     assert wait(host, a) == contract.EXIT_SAVED
     assert wait(peer, b) == contract.EXIT_SAVED
-    # Each instance holds its own full copy of the same checkpoint.
+    # Each instance has its own full copy of the same checkpoint.
     saved = {node.root.name: sorted(path.name for path in node.checkpoint_dir.iterdir())
              for node in (a, b)}
-    assert saved["a"] == saved["b"] and len(saved["a"]) == 1
+    assert saved["a"] == saved["b"]
+    assert len(saved["a"]) == 1
 
     port = free_port()
     step_folder = saved["a"][0]

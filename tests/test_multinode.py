@@ -1,6 +1,6 @@
 """Two-instance runs end to end through the local cloud.
 
-Each emulated instance runs its real user-data, supervisor and torchrun; the instances
+Each emulated instance runs its real user-data, supervisor and torchrun. The instances
 find each other through the rendezvous record in the emulated S3 and train with gloo on
 loopback. Each scenario takes about a minute on a 2-core machine.
 """
@@ -13,7 +13,8 @@ from tests.test_e2e import SCENARIOS, run_scenario
 
 pytestmark = pytest.mark.e2e
 
-NAMES = ("two-nodes", "two-nodes-interrupted", "two-nodes-peer-hang", "two-nodes-leader-lost")
+NAMES = ("two-nodes", "two-nodes-interrupted", "two-nodes-leader-interrupted",
+         "two-nodes-peer-hang", "two-nodes-leader-lost")
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,17 @@ def test_member_interruption_resumes_both(reports):
     assert interruption["checkpoint_step"] >= interruption["step_at_notice"]
     assert interruption["resumed_from"] == interruption["checkpoint_step"]
     assert interruption["steps_lost"] <= 1
+    assert "round 2: 2 instance(s)" in output
+
+
+def test_leader_interruption_hands_over_lease(reports):
+    report, output = reports["two-nodes-leader-interrupted"]
+    interruption = report["interruptions"][0]
+    assert interruption["checkpoint_step"] >= interruption["step_at_notice"]
+    assert interruption["resumed_from"] == interruption["checkpoint_step"]
+    # The leader released the lease, so a member led round 2 without waiting for a TTL.
+    assert "holds the run lease (generation 2)" in output
+    assert "died without releasing the lease" not in output
     assert "round 2: 2 instance(s)" in output
 
 

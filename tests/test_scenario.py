@@ -40,7 +40,7 @@ def test_shipped_scenario_parses(name: str) -> None:
 
     assert scenario.description == data["description"]
     steps = [item.after_step for item in scenario.interruptions]
-    assert steps == [item["after_step"] for item in data["interruptions"]]
+    assert steps == [item["after_step"] for item in data.get("interruptions", [])]
     assert all(item.notice_seconds >= MIN_NOTICE_SECONDS for item in scenario.interruptions)
     cdk_context = json.loads((PROJECT_ROOT / "cdk.json").read_text())["context"]
     assert isinstance(scenario.run_parameters(cdk_context), RunParameters)
@@ -136,6 +136,12 @@ INVALID_SCENARIOS = {
     "string-timeout": (
         {"timeout_seconds": "900"},
         ['timeout_seconds="900"']),
+    "unknown-target": (
+        {"interruptions": [{"after_step": 10, "target": "primary"}]},
+        ["interruptions[0]", 'target="primary"', "leader, member"]),
+    "unknown-fault-target": (
+        {"faults": [{"kind": "instance-kill", "after_step": 10, "target": 1}]},
+        ["faults[0]", "target=1"]),
     "top-level-list": (
         [{"after_step": 10}],
         ["JSON object"]),
@@ -252,3 +258,15 @@ def test_cli_non_list_interruptions_exits_2(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+def test_targets_and_instance_kill_parse() -> None:
+    scenario = parse_scenario({
+        "params": {"nodes": 2},
+        "interruptions": [{"after_step": 5, "target": "member"}],
+        "faults": [{"kind": "instance-kill", "after_step": 7, "target": "leader"}]})
+
+    assert scenario.interruptions[0].target == "member"
+    assert scenario.faults[0].kind == "instance-kill"
+    assert scenario.faults[0].target == "leader"
+    assert parse_scenario({"interruptions": [{"after_step": 5}]}).interruptions[0].target == "any"

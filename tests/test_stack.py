@@ -237,6 +237,20 @@ def test_security_group_has_no_ingress(run: Synthesized) -> None:
     run.template.resource_count_is("AWS::EC2::SecurityGroupIngress", 0)
 
 
+def test_multi_node_group_allows_tcp_among_instances(options_run: Synthesized) -> None:
+    security_group_id = options_run.logical_id(options_run.stack.node.find_child(
+        "InstanceSecurityGroup"))
+    ingress = options_run.only("AWS::EC2::SecurityGroupIngress")["Properties"]
+
+    assert OPTIONS_PARAMETERS.nodes == 2
+    assert ingress["IpProtocol"] == "tcp"
+    assert (ingress["FromPort"], ingress["ToPort"]) == (0, 65535)
+    assert ingress["GroupId"] == {"Fn::GetAtt": [security_group_id, "GroupId"]}
+    assert ingress["SourceSecurityGroupId"] == {"Fn::GetAtt": [security_group_id, "GroupId"]}
+    assert "CidrIp" not in ingress
+    assert group_properties(options_run)["MaxSize"] == "2"
+
+
 def test_vpc_has_no_nat_gateway(default_run: Synthesized) -> None:
     default_run.template.resource_count_is("AWS::EC2::NatGateway", 0)
     default_run.template.resource_count_is("AWS::EC2::EIP", 0)
