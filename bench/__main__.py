@@ -1,12 +1,12 @@
-"""Command line: ``python -m bench checkpoint [options]``."""
+"""Command line: ``python -m bench NAME [options]`` with NAME ``checkpoint`` or ``recovery``."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import checkpoint
+from bench import checkpoint, recovery
 
-BENCHMARKS = {"checkpoint": checkpoint.main}
+BENCHMARKS = {"checkpoint": checkpoint.main, "recovery": recovery.main}
 
 
 def main(argv: list[str]) -> int:

@@ -78,6 +78,10 @@ class Counters:
     started_at: float = field(default_factory=time.time)
 
 
+class CheckpointFetchError(Exception):
+    """The checkpoint step a round resumes from could not be downloaded whole."""
+
+
 class RunEnded(Exception):
     """Raised inside the supervisor to leave the main loop with an exit code."""
 
@@ -497,7 +501,10 @@ class Supervisor:
         self._wait_for_uploads(timeout=None)
         resume_step = self.committed_step
         if resume_step is not None and not self._has_local_checkpoint(resume_step):
-            self._fetch_checkpoint(resume_step)
+            try:
+                self._fetch_checkpoint(resume_step)
+            except CheckpointFetchError as error:
+                self._finish_failed("checkpoint_missing", str(error))
         members = self._wait_for_members()
         previous = self.store.read_rendezvous()
         number = max(int(previous["round"]) if previous else 0,
@@ -592,7 +599,13 @@ class Supervisor:
         self.round = published
         if published.resume_step is not None and not self._has_local_checkpoint(
                 published.resume_step):
-            self._fetch_checkpoint(published.resume_step)
+            try:
+                self._fetch_checkpoint(published.resume_step)
+            except CheckpointFetchError as error:
+                # Leaving makes the leader drop this instance and start a new round.
+                log.error("%s; this instance leaves the run", error)
+                self._leave_rounds()
+                raise RunEnded(EXIT_RUN_FAILED) from error
         log.info("joining round %d of leader %s at %s (%d instances, step %s)",
                  published.number, published.leader, published.endpoint,
                  published.node_count, published.resume_step)
@@ -604,7 +617,8 @@ class Supervisor:
 
     def _fetch_checkpoint(self, step: int) -> None:
         if self.store.download_checkpoint(step, self.checkpoint_dir) is None:
-            raise RuntimeError(f"committed checkpoint step {step} in S3 does not verify")
+            raise CheckpointFetchError(
+                f"committed checkpoint step {step} in S3 is missing or does not verify")
 
     def _renew_membership(self, force: bool = False) -> None:
         now = time.monotonic()
