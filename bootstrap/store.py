@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -79,6 +80,31 @@ def checkpoint_download_config() -> TransferConfig:
     """
     return TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20,
                           max_concurrency=4)
+
+
+class _HashingWriter:
+    """A write-only file wrapper that computes the size and SHA-256 of what is written.
+
+    It reports itself as not seekable, so s3transfer writes the ranged parts of a
+    download in order, and the hash needs no second pass over the file.
+    """
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self._digest.update(data)
+        self._handle.write(data)
+        self.size += len(data)
+        return len(data)
+
+    def seekable(self) -> bool:
+        return False
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 class RunStore:
@@ -313,7 +339,8 @@ class RunStore:
         for step in sorted(candidates, reverse=True):
             folder = local_dir / step_folder_name(step)
             if self._download_folder(step, folder):
-                manifest = read_verified_manifest(folder)
+                # _download_folder compared every file's SHA-256 while writing it.
+                manifest = read_verified_manifest(folder, check_hashes=False)
                 if manifest is not None:
                     return manifest
             log.warning("checkpoint step %d in S3 is incomplete or corrupt; skipping it",
@@ -334,6 +361,7 @@ class RunStore:
         return None
 
     def _download_folder(self, step: int, folder: Path) -> bool:
+        """Download one folder, and return False when a file is missing or differs from the manifest."""
         key_prefix = f"{self.prefix}checkpoints/{step_folder_name(step)}/"
         folder.mkdir(parents=True, exist_ok=True)
         try:
@@ -348,13 +376,19 @@ class RunStore:
             return False
         for item in manifest.files:
             try:
-                self.s3.download_file(self.bucket, key_prefix + item.name,
-                                      str(folder / item.name),
-                                      Config=checkpoint_download_config())
+                with open(folder / item.name, "wb") as handle:
+                    target = _HashingWriter(handle)
+                    self.s3.download_fileobj(self.bucket, key_prefix + item.name, target,
+                                             Config=checkpoint_download_config())
             except ClientError as error:
                 if _is_missing(error):
                     return False
                 raise
+            if target.size != item.size or target.hexdigest() != item.sha256:
+                log.warning("checkpoint step %d: %s has %d bytes and SHA-256 %s in S3, but its "
+                            "manifest lists %d bytes and SHA-256 %s", step, item.name, target.size,
+                            target.hexdigest(), item.size, item.sha256)
+                return False
         (folder / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         return True
 

@@ -1027,17 +1027,22 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
     Raises ``CheckpointNotFoundError`` when there is none.
     """
+    return _resolve_checkpoint(path)[0]
+
+
+def _resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, bool]:
+    """Return the step folder for ``path`` and whether its file hashes were just verified."""
     path = Path(path)
     if contract.parse_step_folder(path.name) is not None:
         if not path.is_dir():
             raise CheckpointNotFoundError(f"checkpoint folder not found: {path}")
-        return path
+        return path, False
     if not path.is_dir():
         raise CheckpointNotFoundError(f"checkpoint directory not found: {path}")
     latest = find_latest_checkpoint(path)
     if latest is None:
         raise CheckpointNotFoundError(f"no committed checkpoint with a valid manifest in {path}")
-    return latest
+    return latest, True
 
 
 def _torch_load(path: Path) -> Any:
@@ -1058,20 +1063,41 @@ def load(
     """Restore model, optimizer, scheduler, scaler and RNG states from a checkpoint.
 
     ``path`` is a step folder or a directory of them, in which case the newest verified
-    one is used. The manifest and file hashes are verified first. Raises
+    one is used. The manifest and the file hashes are verified before anything is
+    restored. Raises
     ``CheckpointCorruptError`` for a folder that does not verify, and
     ``CheckpointMismatchError`` when ``run_id`` (if given) or the model's parameter
     names, shapes or dtypes differ from the checkpoint. These checks run before
     anything is restored.
     """
-    folder = resolve_checkpoint(path)
-    manifest = contract.read_verified_manifest(folder)
+    folder, hashes_verified = _resolve_checkpoint(path)
+    manifest = contract.read_verified_manifest(folder, check_hashes=False)
+    corrupt_message = (
+        f"checkpoint {folder} is incomplete or damaged: its manifest is missing or "
+        "invalid, or a file is missing or differs in size or SHA-256; resume from "
+        "an older checkpoint or start from scratch"
+    )
     if manifest is None:
-        raise CheckpointCorruptError(
-            f"checkpoint {folder} is incomplete or damaged: its manifest is missing or "
-            "invalid, or a file is missing or differs in size or SHA-256; resume from "
-            "an older checkpoint or start from scratch"
-        )
+        raise CheckpointCorruptError(corrupt_message)
+
+    # The files are hashed in threads (hashlib releases the GIL) while torch.load reads
+    # them, and nothing is restored before every hash matches the manifest. A folder
+    # that find_latest_checkpoint has just verified is not hashed again.
+    to_hash = () if hashes_verified else manifest.files
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(to_hash))) as pool:
+        hashes = {item.name: pool.submit(contract.sha256_file, folder / item.name) for item in to_hash}
+        try:
+            trainer_state = _torch_load(folder / TRAINER_FILE)
+            optimizer_state = _torch_load(folder / OPTIMIZER_FILE)
+            model_state = _torch_load(folder / MODEL_FILE)
+            load_error = None
+        except Exception as error:  # noqa: BLE001 - raised below unless a hash explains it
+            load_error = error
+        damaged = [item.name for item in to_hash if hashes[item.name].result() != item.sha256]
+    if damaged:
+        raise CheckpointCorruptError(f"{corrupt_message} (damaged: {', '.join(damaged)})")
+    if load_error is not None:
+        raise load_error
 
     if run_id is not None and manifest.run_id != run_id:
         raise CheckpointMismatchError(
@@ -1087,13 +1113,11 @@ def load(
             details = "the model signature differs from the one in the manifest"
         raise CheckpointMismatchError(f"checkpoint {folder} does not match the model: {details}. {MISMATCH_FIX}")
 
-    trainer_state = _torch_load(folder / TRAINER_FILE)
     if trainer_state.get("format") != TRAINER_FORMAT:
         raise CheckpointCorruptError(
             f"checkpoint {folder} has trainer state format {trainer_state.get('format')!r}, "
             f"expected {TRAINER_FORMAT}"
         )
-    optimizer_state = _torch_load(folder / OPTIMIZER_FILE)
     for name, target, saved in (
         ("optimizer", optimizer, optimizer_state),
         ("scheduler", scheduler, trainer_state["scheduler"]),
@@ -1106,7 +1130,7 @@ def load(
         if target is None and saved is not None:
             logger.warning("checkpoint %s has %s state that is not restored: no %s was given", folder, name, name)
 
-    model.load_state_dict(_torch_load(folder / MODEL_FILE))
+    model.load_state_dict(model_state)
     if optimizer is not None:
         optimizer.load_state_dict(optimizer_state)
     if scheduler is not None:
