@@ -277,10 +277,27 @@ class RunStore:
         moves, so an instance that lost the lease never publishes a checkpoint.
         """
         started = time.monotonic()
-        key_prefix = f"{self.prefix}checkpoints/{folder.name}/"
         for item in manifest.files:
-            self.s3.upload_file(str(folder / item.name), self.bucket, key_prefix + item.name,
-                                Config=self.transfer_config)
+            self._upload_checkpoint_file(folder / item.name)
+        return self._commit_checkpoint(folder, manifest, lease, started)
+
+    def _upload_checkpoint_file(self, path: Path) -> None:
+        """Upload one file of the checkpoint folder ``path.parent``, without committing it.
+
+        A caller may upload the files of a folder while the trainer still writes it,
+        and must call ``_commit_checkpoint`` only after every upload has returned.
+        """
+        key = f"{self.prefix}checkpoints/{path.parent.name}/{path.name}"
+        self.s3.upload_file(str(path), self.bucket, key, Config=self.transfer_config)
+
+    def _commit_checkpoint(self, folder: Path, manifest: Manifest, lease: Lease,
+                           started: float) -> Lease:
+        """Upload the manifest, renew the lease and move ``latest.json``, and return the lease.
+
+        Every file of ``manifest`` must already be in S3. ``started`` is the
+        ``time.monotonic()`` of the first file upload, for the log line.
+        """
+        key_prefix = f"{self.prefix}checkpoints/{folder.name}/"
         self.s3.upload_file(str(folder / MANIFEST_NAME), self.bucket,
                             key_prefix + MANIFEST_NAME, Config=self.transfer_config)
         lease = self.renew_lease(lease)
