@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -79,6 +80,31 @@ def checkpoint_download_config() -> TransferConfig:
     """
     return TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20,
                           max_concurrency=4)
+
+
+class _HashingWriter:
+    """A write-only file wrapper that computes the size and SHA-256 of what is written.
+
+    It reports itself as not seekable, so s3transfer writes the ranged parts of a
+    download in order, and the hash needs no second pass over the file.
+    """
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self._digest.update(data)
+        self._handle.write(data)
+        self.size += len(data)
+        return len(data)
+
+    def seekable(self) -> bool:
+        return False
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 class RunStore:
@@ -251,10 +277,27 @@ class RunStore:
         moves, so an instance that lost the lease never publishes a checkpoint.
         """
         started = time.monotonic()
-        key_prefix = f"{self.prefix}checkpoints/{folder.name}/"
         for item in manifest.files:
-            self.s3.upload_file(str(folder / item.name), self.bucket, key_prefix + item.name,
-                                Config=self.transfer_config)
+            self._upload_checkpoint_file(folder / item.name)
+        return self._commit_checkpoint(folder, manifest, lease, started)
+
+    def _upload_checkpoint_file(self, path: Path) -> None:
+        """Upload one file of the checkpoint folder ``path.parent``, without committing it.
+
+        A caller may upload the files of a folder while the trainer still writes it,
+        and must call ``_commit_checkpoint`` only after every upload has returned.
+        """
+        key = f"{self.prefix}checkpoints/{path.parent.name}/{path.name}"
+        self.s3.upload_file(str(path), self.bucket, key, Config=self.transfer_config)
+
+    def _commit_checkpoint(self, folder: Path, manifest: Manifest, lease: Lease,
+                           started: float) -> Lease:
+        """Upload the manifest, renew the lease and move ``latest.json``, and return the lease.
+
+        Every file of ``manifest`` must already be in S3. ``started`` is the
+        ``time.monotonic()`` of the first file upload, for the log line.
+        """
+        key_prefix = f"{self.prefix}checkpoints/{folder.name}/"
         self.s3.upload_file(str(folder / MANIFEST_NAME), self.bucket,
                             key_prefix + MANIFEST_NAME, Config=self.transfer_config)
         lease = self.renew_lease(lease)
@@ -313,7 +356,8 @@ class RunStore:
         for step in sorted(candidates, reverse=True):
             folder = local_dir / step_folder_name(step)
             if self._download_folder(step, folder):
-                manifest = read_verified_manifest(folder)
+                # _download_folder compared every file's SHA-256 while writing it.
+                manifest = read_verified_manifest(folder, check_hashes=False)
                 if manifest is not None:
                     return manifest
             log.warning("checkpoint step %d in S3 is incomplete or corrupt; skipping it",
@@ -327,13 +371,15 @@ class RunStore:
         """Download one committed step and return its manifest, or None if it does not verify."""
         folder = local_dir / step_folder_name(step)
         if self._download_folder(step, folder):
-            manifest = read_verified_manifest(folder)
+            # _download_folder compared every file's SHA-256 while writing it.
+            manifest = read_verified_manifest(folder, check_hashes=False)
             if manifest is not None:
                 return manifest
         shutil.rmtree(folder, ignore_errors=True)
         return None
 
     def _download_folder(self, step: int, folder: Path) -> bool:
+        """Download one folder, and return False when a file is missing or differs from the manifest."""
         key_prefix = f"{self.prefix}checkpoints/{step_folder_name(step)}/"
         folder.mkdir(parents=True, exist_ok=True)
         try:
@@ -348,13 +394,19 @@ class RunStore:
             return False
         for item in manifest.files:
             try:
-                self.s3.download_file(self.bucket, key_prefix + item.name,
-                                      str(folder / item.name),
-                                      Config=checkpoint_download_config())
+                with open(folder / item.name, "wb") as handle:
+                    target = _HashingWriter(handle)
+                    self.s3.download_fileobj(self.bucket, key_prefix + item.name, target,
+                                             Config=checkpoint_download_config())
             except ClientError as error:
                 if _is_missing(error):
                     return False
                 raise
+            if target.size != item.size or target.hexdigest() != item.sha256:
+                log.warning("checkpoint step %d: %s has %d bytes and SHA-256 %s in S3, but its "
+                            "manifest lists %d bytes and SHA-256 %s", step, item.name, target.size,
+                            target.hexdigest(), item.size, item.sha256)
+                return False
         (folder / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         return True
 

@@ -6,7 +6,10 @@ number ``kill_at`` (0-based) would run, so the kill lands at a deterministic poi
 With ``kill_at`` None it records every event in order and exits normally, which gives
 the test the list of points it can kill at.
 
-Events of a local save (``ml.checkpoint.Checkpointer``):
+Events of a local save (``ml.checkpoint.Checkpointer``). The snapshot events happen
+in the trainer process, the others in its writer process, which runs ``writer_main``
+of this module. Both processes number the events in the same file, and a kill in the
+writer kills the trainer first, so the kill is always a SIGKILL of the trainer:
 
 * ``snapshot <n>``: before the n-th tensor is copied into the host buffers.
 * ``open <file>``: before a file is opened for writing (checkpoint files and the
@@ -33,22 +36,25 @@ import builtins
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import torch
-from boto3.s3.transfer import TransferConfig
-from s3transfer.utils import ReadFileChunk
 
 import ml.checkpoint
-# The first Adam imports torch._dynamo, which takes seconds. Importing it here, in the
-# forkserver that preloads this module, keeps that out of every child.
-import torch._dynamo  # noqa: F401, E402
-from bootstrap.store import RunStore
 from ml import contract
 from ml.checkpoint import Checkpointer
+
+# The writer process of every save child imports this module, so the modules that only
+# the trainer or the upload child need are imported in functions. The test preloads
+# them in its forkserver (FORKSERVER_PRELOAD), so they cost no time in the children.
+# The first Adam imports torch._dynamo, which takes seconds.
+FORKSERVER_PRELOAD = ["torch._dynamo", "boto3", "s3transfer.utils", "bootstrap.store", __name__]
+# Environment variables that pass the event file and kill point to the writer process.
+ENV_EVENTS_PATH = "KILL_CHILD_EVENTS_PATH"
+ENV_KILL_AT = "KILL_CHILD_KILL_AT"
 
 REGION = "us-east-1"
 INSTANCE_ID = "i-kill-child"
@@ -80,20 +86,36 @@ class ChildConfig:
 
 
 class EventCounter:
-    """Counts events, appends their names to a file and kills the process at one."""
+    """Counts events, appends their names to a file and kills the process at one.
 
-    def __init__(self, events_path: str, kill_at: int | None) -> None:
+    The count is the number of names already in the file, so the trainer and its
+    writer process, which take turns, number their events in one sequence. A lock
+    keeps the count and the write together when threads of one process (s3transfer's)
+    report events. In the writer, ``kill_parent`` makes the kill take the trainer down
+    first.
+    """
+
+    def __init__(self, events_path: str, kill_at: int | None, kill_parent: bool = False) -> None:
         self.kill_at = kill_at
-        self.count = 0
+        self.kill_parent = kill_parent
+        self._path = events_path
+        self._lock = threading.Lock()
         # Line-buffered, so every recorded name is in the file before a later kill.
         self._log = open(events_path, "a", buffering=1, encoding="utf-8")
 
+    @property
+    def count(self) -> int:
+        with open(self._path, encoding="utf-8") as handle:
+            return sum(1 for _line in handle)
+
     def __call__(self, name: str) -> None:
-        if self.count == self.kill_at:
-            self._log.write(f"KILL {name}\n")
-            os.kill(os.getpid(), signal.SIGKILL)
-        self._log.write(name + "\n")
-        self.count += 1
+        with self._lock:
+            if self.count == self.kill_at:
+                self._log.write(f"KILL {name}\n")
+                if self.kill_parent:
+                    os.kill(os.getppid(), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL)
+            self._log.write(name + "\n")
 
 
 # ---------------------------------------------------------------------------
@@ -135,12 +157,16 @@ def optimizer_sha256(optimizer: torch.optim.Optimizer) -> str:
 
 
 def make_s3_client(endpoint: str):
+    import boto3
+
     return boto3.client("s3", endpoint_url=endpoint, region_name=REGION,
                         aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
-def small_part_transfer_config() -> TransferConfig:
+def small_part_transfer_config():
     """Return a config that sends every file of more than one part as a multipart upload."""
+    from boto3.s3.transfer import TransferConfig
+
     return TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
                           max_concurrency=2)
 
@@ -182,12 +208,24 @@ class _CountingFile:
         self._handle.close()
 
 
-def instrument_save(on_event: Callable[[str], None]) -> None:
+def instrument_snapshot(on_event: Callable[[str], None]) -> None:
+    """Report ``snapshot <n>`` before each tensor copy. It runs in the trainer process."""
+    real_copy_tensor = ml.checkpoint._HostBuffers._copy_tensor
+    snapshots = [0]
+
+    def counting_copy_tensor(self, source, buffer):
+        on_event(f"snapshot {snapshots[0]}")
+        snapshots[0] += 1
+        return real_copy_tensor(self, source, buffer)
+
+    ml.checkpoint._HostBuffers._copy_tensor = counting_copy_tensor
+
+
+def instrument_writer(on_event: Callable[[str], None]) -> None:
+    """Report opens, writes, fsyncs and the manifest rename. It runs in the writer process."""
     real_open = builtins.open
     real_fsync = os.fsync
     real_replace = os.replace
-    real_copy_tensor = ml.checkpoint._HostBuffers._copy_tensor
-    snapshots = [0]
 
     def counting_open(path, mode="r", *args, **kwargs):
         if "w" in mode:
@@ -207,17 +245,23 @@ def instrument_save(on_event: Callable[[str], None]) -> None:
         real_replace(source, destination)
         on_event("rename after")
 
-    def counting_copy_tensor(self, tensor, path, copied_from_cuda):
-        on_event(f"snapshot {snapshots[0]}")
-        snapshots[0] += 1
-        return real_copy_tensor(self, tensor, path, copied_from_cuda)
-
     # Module globals shadow the builtin open inside ml.checkpoint only.
     ml.checkpoint.open = counting_open
     contract.open = counting_open
     os.fsync = counting_fsync
     os.replace = counting_replace
-    ml.checkpoint._HostBuffers._copy_tensor = counting_copy_tensor
+
+
+def writer_main(socket_fd: int) -> None:
+    """Instrument the writer process of a save child, then serve its saves."""
+    kill_at = os.environ.get(ENV_KILL_AT, "")
+    counter = EventCounter(os.environ[ENV_EVENTS_PATH], int(kill_at) if kill_at else None,
+                           kill_parent=True)
+    instrument_writer(counter)
+    # Write at normal priority from the start: a background write that the trainer's
+    # wait() stops and rewrites would make the event sequence depend on timing.
+    ml.checkpoint.BACKGROUND_NICE = None
+    ml.checkpoint._writer_main(socket_fd)
 
 
 # ---------------------------------------------------------------------------
@@ -238,6 +282,8 @@ def instrument_upload(s3, on_event: Callable[[str], None]) -> None:
     s3.meta.events.register("before-parameter-build.s3", remember_key)
     s3.meta.events.register("before-call.s3", before_call)
     s3.meta.events.register("after-call.s3", after_call)
+
+    from s3transfer.utils import ReadFileChunk
 
     real_read = ReadFileChunk.read
 
@@ -277,7 +323,10 @@ def run(config: ChildConfig) -> None:
 
 
 def run_saves(config: ChildConfig, on_event: Callable[[str], None]) -> None:
-    instrument_save(on_event)
+    instrument_snapshot(on_event)
+    os.environ[ENV_EVENTS_PATH] = config.events_path
+    os.environ[ENV_KILL_AT] = "" if config.kill_at is None else str(config.kill_at)
+    ml.checkpoint.WRITER_ENTRY = (__name__, "writer_main")
     model, optimizer = build_training()
     checkpointer = Checkpointer(config.checkpoint_dir, config.run_id, model, optimizer)
     step = 0
@@ -291,6 +340,8 @@ def run_saves(config: ChildConfig, on_event: Callable[[str], None]) -> None:
 
 
 def run_uploads(config: ChildConfig, on_event: Callable[[str], None]) -> None:
+    from bootstrap.store import RunStore
+
     s3 = make_s3_client(config.endpoint)
     store = RunStore(s3, config.bucket, config.run_id, transfer_config=small_part_transfer_config())
     lease = store.try_acquire_lease(INSTANCE_ID, LEASE_STALE_AFTER_S)

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -413,30 +414,50 @@ def test_no_checkpoint_raises_not_found(tmp_path):
 
 SLOW_SAVE_SCRIPT = textwrap.dedent(
     """
-    import sys, time, warnings
+    import os, sys, time, warnings
     warnings.filterwarnings("ignore")
     from pathlib import Path
     import torch
     from ml import checkpoint
 
-    checkpoint_dir, marker = Path(sys.argv[1]), Path(sys.argv[2])
 
-    class SlowCheckpointer(checkpoint.Checkpointer):
-        def _write_file(self, path, payload):
-            super()._write_file(path, payload)
+    def writer_main(socket_fd):
+        # Runs in the writer process, which gets the marker path from the environment.
+        marker = Path(os.environ["SLOW_SAVE_MARKER"])
+        write_file = checkpoint._write_file
+
+        def slow_write_file(path, payload, *args):
+            item = write_file(path, payload, *args)
             if path.parent.name == "step-00000002":
+                marker.with_suffix(".pid").write_text(str(os.getpid()))
                 marker.write_text(path.name)
                 time.sleep(60)
+            return item
 
-    model = torch.nn.Linear(256, 256)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    saver = SlowCheckpointer(checkpoint_dir, "run-a", model, optimizer)
-    saver.save(step=1, epoch=0)
-    saver.wait()
-    saver.save(step=2, epoch=0)
-    saver.wait()
+        checkpoint._write_file = slow_write_file
+        checkpoint._writer_main(socket_fd)
+
+
+    if __name__ == "__main__":
+        checkpoint.WRITER_ENTRY = ("slow_save", "writer_main")
+        model = torch.nn.Linear(256, 256)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        saver = checkpoint.Checkpointer(sys.argv[1], "run-a", model, optimizer)
+        saver.save(step=1, epoch=0)
+        saver.wait()
+        saver.save(step=2, epoch=0)
+        saver.wait()
     """
 )
+
+
+def process_is_gone(pid: int) -> bool:
+    """Return whether ``pid`` has exited (an unreaped zombie counts as exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
 
 
 def test_sigkill_during_save_leaves_no_manifest(tmp_path):
@@ -447,7 +468,7 @@ def test_sigkill_during_save_leaves_no_manifest(tmp_path):
     process = subprocess.Popen(
         [sys.executable, str(script), str(checkpoint_dir), str(marker)],
         cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "SLOW_SAVE_MARKER": str(marker)},
         stderr=subprocess.PIPE,
     )
     try:
@@ -460,6 +481,13 @@ def test_sigkill_during_save_leaves_no_manifest(tmp_path):
         process.kill()
         process.wait(timeout=10)
 
+    # The writer process dies with the trainer, so it cannot commit the torn folder later.
+    writer_pid = int(marker.with_suffix(".pid").read_text())
+    deadline = time.monotonic() + 10
+    while not process_is_gone(writer_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process_is_gone(writer_pid), f"writer process {writer_pid} outlived the killed trainer"
+
     torn = step_folder(checkpoint_dir, 2)
     assert (torn / marker.read_text()).exists()
     assert not (torn / contract.MANIFEST_NAME).exists()
@@ -468,6 +496,86 @@ def test_sigkill_during_save_leaves_no_manifest(tmp_path):
     assert checkpoint.find_latest_checkpoint(checkpoint_dir) == step_folder(checkpoint_dir, 1)
     with pytest.raises(CheckpointCorruptError):
         checkpoint.load(torn, torch.nn.Linear(256, 256))
+
+
+def test_killed_writer_restarts_on_next_save(tmp_path):
+    model, optimizer, scheduler, _ = make_training()
+    saver = Checkpointer(tmp_path, RUN_ID, model, optimizer, scheduler)
+    saver.save(step=1, epoch=0)
+    saver.wait()
+    first_writer = saver.writer_pid
+
+    os.kill(first_writer, signal.SIGKILL)
+    # Reads private state: wait until the writer has exited, so that save() finds it exited.
+    saver._writer.process.wait(timeout=10)
+    saver.save(step=2, epoch=0)
+    second_writer = saver.writer_pid
+    result = saver.close()
+
+    assert result.step == 2
+    assert second_writer != first_writer
+    assert saver.writer_pid is None
+    assert contract.read_verified_manifest(step_folder(tmp_path, 2)) is not None
+
+
+def test_writer_death_during_save_raises(tmp_path):
+    model, optimizer, scheduler, _ = make_training()
+    saver = Checkpointer(tmp_path, RUN_ID, model, optimizer, scheduler)
+    saver.save(step=1, epoch=0)
+    saver.wait()
+    writer_pid = saver.writer_pid
+    # Stop the writer, so that the next request stays unread until the writer is killed.
+    os.kill(writer_pid, signal.SIGSTOP)
+    saver.save(step=2, epoch=0)
+    os.kill(writer_pid, signal.SIGKILL)
+
+    with pytest.raises(CheckpointSaveError, match="exited"):
+        saver.wait()
+    assert contract.read_verified_manifest(step_folder(tmp_path, 2)) is None
+
+    saver.save(step=2, epoch=0)
+    saver.close()
+    assert saver.writer_pid is None
+    assert contract.read_verified_manifest(step_folder(tmp_path, 2)) is not None
+
+
+def test_hurried_background_write_is_rewritten(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "WRITE_CHUNK_BYTES", 1024)
+    threads = checkpoint._WriterThreads(connection=None)
+    payload = {"weight": torch.arange(100_000, dtype=torch.float32)}
+    background_priorities = []
+
+    def hurry_at_second_chunk():
+        background_priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        if len(background_priorities) == 2:
+            threads.hurry.set()
+        if threads.hurry.is_set():
+            raise checkpoint._Hurried()
+
+    monkeypatch.setattr(threads, "_raise_if_hurried", hurry_at_second_chunk)
+    path = tmp_path / checkpoint.MODEL_FILE
+    item = threads._write_file(path, payload)
+
+    assert background_priorities == [checkpoint.BACKGROUND_NICE] * 2
+    assert item.size == path.stat().st_size
+    assert item.sha256 == contract.sha256_file(path)
+    assert torch.equal(torch.load(path, weights_only=True)["weight"], payload["weight"])
+
+
+def test_files_reported_before_commit(tmp_path):
+    model, optimizer, scheduler, _ = make_training()
+    reported = []
+
+    def on_file_written(path, item):
+        reported.append((path.name, item, (path.parent / contract.MANIFEST_NAME).exists()))
+
+    with Checkpointer(tmp_path, RUN_ID, model, optimizer, scheduler, on_file_written=on_file_written) as saver:
+        saver.save(step=1, epoch=0)
+
+    manifest = contract.read_verified_manifest(step_folder(tmp_path, 1))
+    assert [name for name, _item, _committed in reported] == [item.name for item in manifest.files]
+    assert [item for _name, item, _committed in reported] == list(manifest.files)
+    assert not any(committed for _name, _item, committed in reported)
 
 
 # ---------------------------------------------------------------------------

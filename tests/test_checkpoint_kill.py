@@ -18,7 +18,8 @@ checkpoint committed before the kill. ``latest.json`` must never name a folder w
 manifest is missing.
 
 Children start from a forkserver that has already imported torch, so each kill costs
-a fork instead of an interpreter start. Uploads go to the moto server over HTTP with
+a fork instead of an interpreter start. A save child also starts its checkpoint writer
+process, which imports torch. Uploads go to the moto server over HTTP with
 5 MiB parts, so every file of more than 5 MiB takes the multipart path.
 
 The multipart failure tests inject an error response in botocore's ``before-send``
@@ -54,7 +55,7 @@ CHILD_TIMEOUT_S = 60.0
 @pytest.fixture(scope="module")
 def fork_context():
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["tests.checkpoint_kill_child"])
+    context.set_forkserver_preload(child.FORKSERVER_PRELOAD)
     return context
 
 

@@ -228,7 +228,7 @@ def test_checkpoint_download_empty_run(s3_bucket, tmp_path):
     assert store.download_newest_checkpoint(tmp_path) is None
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "byte flipped"])
 def test_checkpoint_download_skips_torn(s3_bucket, tmp_path, caplog, damage):
     s3, bucket = s3_bucket
     store = make_store(s3_bucket)
@@ -239,8 +239,13 @@ def test_checkpoint_download_skips_torn(s3_bucket, tmp_path, caplog, damage):
     damaged_key = checkpoint_key(store, 20, "model.bin")
     if damage == "missing":
         s3.delete_object(Bucket=bucket, Key=damaged_key)
-    else:
+    elif damage == "truncated":
         s3.put_object(Bucket=bucket, Key=damaged_key, Body=b"only the first bytes")
+    else:
+        # Same size, so only the SHA-256 check can tell.
+        data = bytearray(s3.get_object(Bucket=bucket, Key=damaged_key)["Body"].read())
+        data[len(data) // 2] ^= 0xFF
+        s3.put_object(Bucket=bucket, Key=damaged_key, Body=bytes(data))
     target = tmp_path / "restore"
     target.mkdir()
 
