@@ -17,17 +17,26 @@ nor the AWS::EC2::InternetGateway of a stack, so deleting the stack's VPC fails 
 DependencyViolation and the gateway outlives the stack. Both get the delete handler
 that subnets already have.
 
+One S3 gap is filled as well: moto checks the If-Match and If-None-Match conditions of
+PutObject and DeleteObject before it writes, without a lock, so two concurrent
+conditional writes could both succeed. S3 guarantees that exactly one does, and the run
+lease relies on it, so conditional writes are serialized here.
+
 Run: ``python -m emulator.moto_server -H 127.0.0.1 -p PORT`` (the arguments of
 ``moto_server``). Set INITIAL_NO_AUTH_ACTION_COUNT in the environment to enforce IAM.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+import threading
+from typing import Any, Callable
 
 from moto.autoscaling.responses import AutoScalingResponse
 from moto.logs.responses import LogsResponse
+from moto.s3.responses import S3Response
 from moto.sns.responses import SNSResponse
 from moto.ec2.models import ec2_backends
 from moto.ec2.models.internet_gateways import InternetGateway
@@ -127,7 +136,26 @@ def _delete_internet_gateway(cls, resource_name: str, cloudformation_json: dict,
     backend.delete_internet_gateway(resource_name)
 
 
+CONDITIONAL_HEADERS = ("If-Match", "If-None-Match")
+_conditional_write_lock = threading.Lock()
+
+
+def _serialize_conditional(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a write with an If-Match or If-None-Match condition under one lock."""
+
+    @functools.wraps(handler)
+    def serialized(self: S3Response, *args: Any, **kwargs: Any) -> Any:
+        if not any(self.headers.get(name) for name in CONDITIONAL_HEADERS):
+            return handler(self, *args, **kwargs)
+        with _conditional_write_lock:
+            return handler(self, *args, **kwargs)
+
+    return serialized
+
+
 def main() -> None:
+    S3Response.put_object = _serialize_conditional(S3Response.put_object)
+    S3Response.delete_object = _serialize_conditional(S3Response.delete_object)
     InternetGateway.delete_from_cloudformation_json = classmethod(_delete_internet_gateway)
     RouteTable.delete_from_cloudformation_json = classmethod(_delete_route_table)
     AutoScalingResponse._determine_resource = _group_resource
