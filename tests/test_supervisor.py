@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from bootstrap import supervisor as supervisor_module
+from bootstrap.cluster import Round
 from bootstrap.config import RunConfig
 from bootstrap.imds import ImdsClient
 from bootstrap.store import RunStore
@@ -429,3 +430,84 @@ def test_power_off_commits_checkpoint_and_releases_lease(harness):
     assert not harness.has_key("lease.json")
     assert harness.store.read_status()["state"] == "interrupted"
     assert harness.desired_capacity() == 1
+
+
+# Multi-node round membership ----------------------------------------------------------
+
+
+class RecordingTrainer:
+    """Stands in for a running trainer: records signals and kills."""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+        self.killed = False
+
+    def send(self, signal_number: int) -> int:
+        self.signals.append(signal_number)
+        return 1
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def poll(self) -> int | None:
+        return -9 if self.killed else None
+
+
+def multi_node_supervisor(harness, instance_id: str, round_members: tuple[str, ...],
+                          *, leader: bool) -> Supervisor:
+    config = harness.config(nodes=2, min_nodes=1)
+    supervisor = harness.supervisor(harness.start_instance(instance_id), config)
+    supervisor.is_leader = leader
+    supervisor.trainer = RecordingTrainer()
+    leader_id = instance_id if leader else "i-00000000000000leader"
+    supervisor.round = Round(number=1, endpoint="10.0.1.10:29500", leader=leader_id,
+                             members=round_members, resume_step=None)
+    return supervisor
+
+
+def test_leader_ends_round_for_waiting_member(harness):
+    supervisor = multi_node_supervisor(harness, "i-00000000000000011", (), leader=True)
+    supervisor._first_step_seen = True
+    harness.store.register_member("i-00000000000000012", "10.0.1.12")
+
+    supervisor._check_round_membership()
+
+    assert supervisor.trainer.signals == [contract.SIGNAL_SAVE_AND_EXIT]
+    assert supervisor._round_end_requested
+
+
+def test_full_round_ignores_waiting_member(harness):
+    supervisor = multi_node_supervisor(harness, "i-00000000000000013",
+                                       ("i-00000000000000014",), leader=True)
+    supervisor._first_step_seen = True
+    for member in ("i-00000000000000014", "i-00000000000000015"):
+        harness.store.register_member(member, "10.0.1.14")
+
+    supervisor._check_round_membership()
+
+    assert supervisor.trainer.signals == []
+    assert not supervisor._round_end_requested
+
+
+def test_leader_abandons_round_of_vanished_member(harness):
+    supervisor = multi_node_supervisor(harness, "i-00000000000000016",
+                                       ("i-00000000000000017",), leader=True)
+
+    supervisor._check_round_membership()
+
+    assert supervisor.trainer.killed
+    assert supervisor._round_abandoned
+
+
+def test_member_stops_round_the_leader_replaced(harness):
+    supervisor = multi_node_supervisor(harness, "i-00000000000000018",
+                                       ("i-00000000000000018",), leader=False)
+    harness.store.publish_rendezvous(
+        Round(number=2, endpoint="10.0.1.10:29501", leader="i-00000000000000leader",
+              members=("i-00000000000000019",), resume_step=40).to_dict())
+
+    supervisor._check_round_membership()
+
+    assert supervisor.trainer.killed
+    assert supervisor._round_abandoned
+    assert "i-00000000000000018" in harness.store.fresh_members(60.0)
