@@ -10,7 +10,7 @@ CHECKOV_STAMP := .venv-checkov/.installed
 export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
 export CDK_DISABLE_VERSION_CHECK := 1
 
-.PHONY: setup demo test bench synth clean
+.PHONY: setup demo test bench bench-recovery synth clean
 
 setup: $(PY_STAMP) $(NODE_STAMP) $(CHECKOV_STAMP)
 
@@ -41,6 +41,10 @@ test: setup
 # Checkpoint benchmark against a local moto server (about 5 minutes); figures, not tests.
 bench: setup
 	$(PY) -m bench checkpoint
+
+# Multi-node recovery through the local cloud (about 5 minutes); figures, not tests.
+bench-recovery: setup
+	$(PY) -m bench recovery
 
 synth: setup
 	npx cdk synth --quiet
