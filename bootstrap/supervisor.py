@@ -585,13 +585,8 @@ class Supervisor:
                 published = Round.from_dict(document)
                 if published.number > last and self.identity.instance_id in published.members:
                     break
-            lease = self.store.try_acquire_lease(self.identity.instance_id,
-                                                 self.config.lease_ttl_seconds)
-            if lease is not None:
-                log.warning("the run lease is free: this instance leads the run from now on")
-                self.lease = lease
-                self.store.remove_member(self.identity.instance_id)
-                self._begin_leadership()
+            if self._take_over_lease("the run lease is free: this instance leads the run "
+                                     "from now on"):
                 self._lead_round()
                 return
             self._check_notices_during_start("waiting for a round")
@@ -710,17 +705,24 @@ class Supervisor:
         while True:
             if self.store.is_done():
                 self._end_member_quietly(EXIT_OK)
-            lease = self.store.try_acquire_lease(self.identity.instance_id,
-                                                 self.config.lease_ttl_seconds)
-            if lease is not None:
-                log.warning("the leader did not finish the run; finishing it from this instance")
-                self.lease = lease
-                self.store.remove_member(self.identity.instance_id)
-                self._begin_leadership()
+            if self._take_over_lease("the leader did not finish the run; finishing it "
+                                     "from this instance"):
                 return
             if self._shutdown_requested.is_set() and self.store.is_done():
                 self._end_member_quietly(EXIT_OK)
             time.sleep(1.0)
+
+    def _take_over_lease(self, message: str) -> bool:
+        """Member: take the run lease if it is free or stale, and become the leader."""
+        lease = self.store.try_acquire_lease(self.identity.instance_id,
+                                             self.config.lease_ttl_seconds)
+        if lease is None:
+            return False
+        log.warning("%s", message)
+        self.lease = lease
+        self.store.remove_member(self.identity.instance_id)
+        self._begin_leadership()
+        return True
 
     def _leave_rounds(self) -> None:
         if not self.is_leader:
