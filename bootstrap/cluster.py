@@ -84,7 +84,7 @@ def torchrun_command(config: RunConfig, *, round_: Round | None, is_host: bool,
     """Return the command that runs the training command under torchrun (``ml.launch``).
 
     Without a round (one instance) torchrun runs standalone with a local rendezvous.
-    ``gpus_per_node`` 0 asks ``ml.launch`` for one process per visible GPU.
+    With ``gpus_per_node`` 0, ``ml.launch`` starts one process per visible GPU.
     """
     command = [*LAUNCHER, f"--nproc-per-node={config.gpus_per_node}", "--max-restarts=0"]
     if round_ is None:

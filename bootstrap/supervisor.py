@@ -623,38 +623,48 @@ class Supervisor:
         self.store.register_member(self.identity.instance_id, self.identity.private_ip)
 
     def _check_round_membership(self) -> None:
-        """Leader: end the round to let waiting instances in. Member: stay registered,
-        and stop a trainer whose round the leader has already replaced."""
-        if not self.is_leader:
-            self._renew_membership()
-            now = time.monotonic()
-            if now - self._last_round_check < MEMBER_HEARTBEAT_S:
-                return
-            self._last_round_check = now
-            document = self.store.read_rendezvous()
-            if (document is not None and self.round is not None
-                    and int(document["round"]) > self.round.number
-                    and self.trainer.poll() is None):
-                log.warning("round %d has started without this instance; stopping round %d",
-                            int(document["round"]), self.round.number)
-                self._round_abandoned = True
-                self.trainer.kill()
+        if self.is_leader:
+            self._check_round_as_leader()
+        else:
+            self._check_round_as_member()
+
+    def _check_round_as_member(self) -> None:
+        """Stay registered, and stop a trainer whose round the leader has replaced."""
+        self._renew_membership()
+        now = time.monotonic()
+        if now - self._last_round_check < MEMBER_HEARTBEAT_S:
             return
+        self._last_round_check = now
+
+        document = self.store.read_rendezvous()
+        if (document is not None and self.round is not None
+                and int(document["round"]) > self.round.number
+                and self.trainer.poll() is None):
+            log.warning("round %d has started without this instance; stopping round %d",
+                        int(document["round"]), self.round.number)
+            self._round_abandoned = True
+            self.trainer.kill()
+
+    def _check_round_as_leader(self) -> None:
+        """Abandon a round whose member vanished before it formed, or end a short round
+        with a save to let waiting instances in."""
         now = time.monotonic()
         if self._round_end_requested or now - self._last_member_check < MEMBER_HEARTBEAT_S:
             return
         self._last_member_check = now
         if self.round is None:
             return
+
         fresh = set(self.store.fresh_members(MEMBER_FRESH_S))
-        gone = [member for member in self.round.members if member not in fresh]
-        if gone and not self._first_step_seen and self.trainer.poll() is None:
+        vanished = [member for member in self.round.members if member not in fresh]
+        if vanished and not self._first_step_seen and self.trainer.poll() is None:
             # torchrun would wait its whole join timeout for an instance that is gone.
             log.warning("member(s) %s stopped renewing before round %d formed; starting a "
-                        "new round", ", ".join(gone), self.round.number)
+                        "new round", ", ".join(vanished), self.round.number)
             self._round_abandoned = True
             self.trainer.kill()
             return
+
         if self.round.node_count >= self.config.nodes:
             return
         waiting = [member for member in fresh
@@ -672,12 +682,14 @@ class Supervisor:
                     self.round.number if self.round else "?", reason, code)
         if not self.is_leader:
             return
+
         failure = self.store.read_failure()
         if failure is not None:
             self._finish_failed(failure.get("ending", "failed"), failure.get("reason", ""),
                                 log_tail=failure.get("log_tail"))
         self._upload_new_checkpoints()
         self._wait_for_uploads(timeout=None)
+
         if code == contract.EXIT_SAVED and not self._round_end_requested:
             # A member got a spot notice or a shutdown and all ranks saved.
             self.counters.interruptions += 1
@@ -686,6 +698,7 @@ class Supervisor:
             self.restarts_without_progress += 1
         else:
             self.restarts_without_progress = 0
+
         self.store.append_event("round_ended", self.identity.instance_id,
                                 round=self.round.number if self.round else None,
                                 exit_code=code, committed_step=self.committed_step,

@@ -63,7 +63,7 @@ LOCAL_PARAMETER_DEFAULTS = {"poll_interval_seconds": 0.5, "lease_ttl_seconds": 1
                             "collective_timeout_seconds": 10}
 DEFAULT_TIMEOUT_SECONDS = 900.0
 NOTICE_ACTIONS = ("terminate", "stop", "hibernate")
-# Which instance of a multi-node run a notice or fault hits: any, the run lease holder
+# Targets of a notice or fault in a multi-node run: any instance, the run lease holder
 # (leader) or an instance without the lease (member).
 TARGETS = ("any", "leader", "member")
 # The supervisor needs a few seconds of the window to commit the checkpoint.

@@ -2,8 +2,8 @@
 
 The supervisor starts the training command through torchrun (``ml.launch``) when a run
 uses more than one process: several GPUs on one instance, several instances, or both.
-torchrun sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` and the rendezvous variables;
-this module turns them into a process group and gives the training loop the few
+torchrun sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` and the rendezvous variables.
+This module turns them into a process group and gives the training loop the few
 collective decisions it needs:
 
 * ``agree_on_requests``: every rank acts on a save request at the same step, although

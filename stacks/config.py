@@ -110,9 +110,9 @@ class RunParameters:
     a c10d rendezvous whose address the run lease holder publishes in S3."""
 
     min_nodes: int = 0
-    """Fewest instances a multi-node round starts with, after waiting
-    rendezvous_timeout_seconds for all nodes; 0 means nodes (always wait for all, which
-    keeps results identical to an uninterrupted run)."""
+    """Minimum number of instances a multi-node round starts with, after waiting
+    rendezvous_timeout_seconds for all nodes. 0 means nodes: every round waits for all
+    of them, which keeps results identical to an uninterrupted run."""
 
     gpus_per_node: int = 1
     """Training processes per instance, one per GPU; 0 starts one per visible GPU (one on
